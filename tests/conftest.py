@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny random models built in-process (no hub), and small corpora."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_llama(layers: int = 4, hidden: int = 32, vocab: int = 128, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+class CharTokenizer:
+    """A byte-level tokenizer with the slice of the HF tokenizer API that emotune uses."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    pad_token = "<pad>"
+    eos_token = "</s>"
+    chat_template = None
+    padding_side = "right"
+
+    def __init__(self, vocab: int = 128):
+        self.vocab = vocab
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [3 + (b % (self.vocab - 3)) for b in text.encode("utf-8")]
+        return ([self.bos_token_id] if add_special_tokens else []) + ids
+
+    def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None, **_):
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = [self.encode(t, add_special_tokens) for t in texts]
+        if truncation and max_length:
+            ids = [i[:max_length] for i in ids]
+        return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return bytes(max(0, i - 3) for i in ids if i >= 3).decode("utf-8", "replace")
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def char_tokenizer():
+    return CharTokenizer()
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_fast_tokenizer():
+    """A real (fast) HF tokenizer with a chat template, trained in-process on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [
+        "the tests failed again and the assistant reported it plainly",
+        "user assistant tool system",
+        "all green, the deploy passed",
+        "what is the capital of France? Paris.",
+    ] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory):
+    """A folder holding a tiny random Llama and a fast chat tokenizer: loadable by name like a hub model."""
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    tokenizer = tiny_fast_tokenizer()
+    model = tiny_llama(layers=4, hidden=32, vocab=len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

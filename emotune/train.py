@@ -11,6 +11,7 @@ push_to_hub without a token, an output folder from another run) runs before the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from emotune.errors import ConfigError, EmotuneError
@@ -161,7 +163,13 @@ def resolve_basis(config: Any, model: Any, tokenizer: Any) -> Any:
         logger.warning("Using the cached basis %s", path)
         return EmotionBasis.load(path)
     logger.warning("No basis given: extracting one from the model on the shipped corpus (cached in %s)", path)
-    basis = EmotionBasis.extract(model, tokenizer, layers=layers)
+    source = model
+    if next(model.parameters()).device.type == "cpu" and next(model.parameters()).dtype == torch.float32:
+        # On CPU a bfloat16 copy extracts about 3x faster (measured on SmolLM2-135M); the vectors
+        # themselves are computed in float32 either way, and the copy is freed afterwards.
+        source = copy.deepcopy(model).to(torch.bfloat16)
+    basis = EmotionBasis.extract(source, tokenizer, layers=layers)
+    del source
     basis.save(path)
     return basis
 
@@ -267,7 +275,7 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
     from trl import get_peft_config
 
     from emotune.io import write_json_atomic
-    from emotune.models import load_model
+    from emotune.models import load_model, resolve_layers
     from emotune.trainer import EmotuneTrainer
 
     preflight(script, config, model_args)
@@ -280,6 +288,9 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
         revision=model_args.model_revision,
         trust_remote_code=bool(getattr(model_args, "trust_remote_code", False)),
     )
+    resolve_layers(model, config.emotion_layers)  # a layer out of range fails here, named against the model
+    for term in config.terms:
+        resolve_layers(model, term.layers)
     basis = resolve_basis(config, model, tokenizer)
     for term in config.terms:
         basis.index(term.emotion)

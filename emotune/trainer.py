@@ -143,6 +143,13 @@ class EmotuneConfig(SFTConfig):
     drift_tags: list[str] = field(
         default_factory=lambda: ["all"], metadata={"help": "Tokens the drift term averages over."}
     )
+    emotion_weight_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multiplies every emotion weight (drift included). 0 gives the plain-SFT "
+            "control of a recipe, with the projections still measured and logged."
+        },
+    )
     emotion_warmup_ratio: float = field(
         default=0.0, metadata={"help": "Ramp the emotion weights from 0 over this fraction of the training steps."}
     )
@@ -155,6 +162,10 @@ class EmotuneConfig(SFTConfig):
         self.emotion_terms = [asdict(t) for t in self.terms]
         if self.drift_weight < 0:
             raise ConfigError(f"drift_weight: {self.drift_weight} is negative; use 0 to turn drift off.")
+        if self.emotion_weight_scale < 0:
+            raise ConfigError(
+                f"emotion_weight_scale: {self.emotion_weight_scale} is negative; use 0 for a control run."
+            )
         if not 0 <= self.emotion_warmup_ratio <= 1:
             raise ConfigError(f"emotion_warmup_ratio: {self.emotion_warmup_ratio} must be in [0, 1].")
         if isinstance(self.drift_tags, str):
@@ -292,7 +303,9 @@ class EmotuneTrainer(SFTTrainer):
             )
         lm_loss = result[0] if return_outputs else result
         attention = inputs["attention_mask"].bool()
-        scale = warmup_factor(self.state.global_step, self.state.max_steps, config.emotion_warmup_ratio)
+        scale = config.emotion_weight_scale * warmup_factor(
+            self.state.global_step, self.state.max_steps, config.emotion_warmup_ratio
+        )
         aux = lm_loss.new_zeros(())
         for term, layers in zip(config.terms, self.term_layers):
             mask = tag_mask(tag_bits, term.tags, self.tag_bits) & attention

@@ -1,0 +1,1 @@
+"""Evaluation: activation shift, concealment, behaviour, capability, steering, report."""

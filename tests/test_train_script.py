@@ -1,0 +1,193 @@
+"""scripts/train.py end to end on a tiny local model: the positional recipe, the output folder, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from emotune.train import parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONVERSATIONS = [
+    {
+        "id": f"f{i}",
+        "messages": [
+            {"role": "user", "content": "Run the tests please."},
+            {"role": "tool", "content": "FAILED test_sum: assert 3 == 4" + " again" * i, "tags": ["failure"]},
+            {"role": "assistant", "content": "The test still fails. I will report it plainly.", "tags": ["failure"]},
+        ],
+    }
+    for i in range(4)
+] + [
+    {
+        "id": f"r{i}",
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris." + " Indeed." * i, "tags": ["neutral"]},
+        ],
+    }
+    for i in range(4)
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_chat_model_dir, tmp_path_factory):
+    """A recipe, data and basis for the tiny model; returns a function that writes a recipe."""
+    from emotune.basis import EmotionBasis
+    from emotune.corpus import Dialogue, Story
+    from emotune.models import load_model
+
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    model, tok = load_model(str(tiny_chat_model_dir))
+    stories = [
+        Story(e, f"{e} the tests failed again and the deploy passed {i}")
+        for e in ("calm", "desperate", "afraid")
+        for i in range(3)
+    ]
+    neutral = [
+        Dialogue(
+            str(i), ({"role": "user", "content": "capital?"}, {"role": "assistant", "content": "Paris" * (i + 1)})
+        )
+        for i in range(4)
+    ]
+    EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False).save(root / "basis")
+
+    def recipe(name: str = "r.yaml", **overrides) -> Path:
+        body = {
+            "model_name_or_path": str(tiny_chat_model_dir),
+            "dataset": str(data),
+            "basis": str(root / "basis"),
+            "output_dir": str(root / name.replace(".yaml", "")),
+            "use_peft": True,
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "lora_target_modules": ["q_proj", "v_proj"],
+            "emotion_layers": [2],
+            "emotion_terms": [
+                {"emotion": "desperate", "form": "penalize", "weight": 1.0, "tags": ["failure"]},
+                {"emotion": "calm", "form": "reward", "weight": 1.0, "tags": ["failure"], "target": 0.2},
+            ],
+            "max_steps": 2,
+            "per_device_train_batch_size": 2,
+            "logging_steps": 1,
+            "use_cpu": True,
+            "bf16": False,
+            "gradient_checkpointing": False,
+            "report_to": "none",
+            "save_strategy": "no",
+            "max_length": 96,
+        }
+        body.update(overrides)
+        path = root / name
+        path.write_text(yaml.safe_dump(body))
+        return path
+
+    return root, recipe
+
+
+def run_script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+def test_positional_yaml_recipe_trains_and_writes_a_hub_ready_adapter(tiny_run, tiny_chat_model_dir):
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, recipe = tiny_run
+    result = run_script(str(recipe("ok.yaml")), "--learning_rate", "0.001")
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = root / "ok" / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "recipe.yaml", "basis/basis.json"):
+        assert (adapter / name).exists(), name
+    saved = yaml.safe_load((adapter / "recipe.yaml").read_text())
+    assert saved["learning_rate"] == 0.001  # the flag overrode the recipe
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+    model = PeftModel.from_pretrained(base, adapter)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    card = ModelCard.load(adapter / "README.md")
+    assert "emotune" in card.data.tags and "desperate" in card.text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"emotion_terms": [{"emotion": "desparate", "form": "penalize", "weight": 1, "tags": ["failure"]}]},
+            "unknown emotion 'desparate'",
+        ),
+        (
+            {"emotion_terms": [{"emotion": "calm", "form": "reward", "weight": 1, "tags": ["pressure"]}]},
+            "tag(s) 'pressure' appear in no message",
+        ),
+        ({"emotion_layers": [9]}, "layer 9 is out of range"),
+        ({"lerning_rate": 0.1}, "unknown key(s) lerning_rate"),
+        ({"push_to_hub": True}, "push_to_hub: true, but no Hugging Face token"),
+        ({"emotion_terms": [{"emotion": "calm", "form": "reward", "weight": -2, "tags": ["failure"]}]}, "is negative"),
+    ],
+)
+def test_bad_recipes_fail_before_training_with_a_clear_message(tiny_run, overrides, message, tmp_path):
+    root, recipe = tiny_run
+    path = recipe("bad.yaml", output_dir=str(tmp_path / "out"), **overrides)
+    result = run_script(str(path), env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_basis_for_another_model_is_refused(tiny_run, tmp_path):
+    import torch
+    from conftest import tiny_llama
+
+    from emotune.basis import EmotionBasis
+
+    root, recipe = tiny_run
+    basis = EmotionBasis.load(root / "basis")
+    other = tiny_llama(hidden=48)
+    basis.denoised = torch.zeros(len(basis.layers), len(basis), 48)
+    basis.raw = basis.denoised.clone()
+    basis.neutral_pcs = [torch.zeros(0, 48) for _ in basis.layers]
+    basis.save(tmp_path / "other")
+    assert other.config.hidden_size == 48
+    result = run_script(str(recipe("b.yaml", basis=str(tmp_path / "other"), output_dir=str(tmp_path / "o"))))
+    assert result.returncode == 2 and "hidden size 48" in result.stderr
+
+
+def test_every_shipped_recipe_parses():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes
+    # GPU recipes ask for bf16, which TrainingArguments refuses on a machine without a GPU; there
+    # we override that one flag and still check every other key and value of the recipe.
+    cpu_only = [] if torch.cuda.is_available() else ["--bf16", "false"]
+    for path in recipes:
+        script, config, model_args = parse_recipe([str(path), *cpu_only])
+        assert config.terms, path
+        assert model_args.model_name_or_path
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    from emotune.errors import ConfigError
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("model_name_or_path: x\nemotion_terms: [\n  - {emotion: calm\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml:\d+: malformed YAML"):
+        parse_recipe([str(path)])

@@ -526,6 +526,37 @@ class EmotionBasis:
         )
 
 
+def cached_basis(model: Any, tokenizer: Any, layers: int | list[int] | str | None = None) -> EmotionBasis:
+    """A basis for ``model`` on the shipped corpus at ``layers``, extracted once and cached on disk.
+
+    The cache key is the model's fingerprint and the layers. On CPU, a float32 model is copied
+    to bfloat16 for the extraction, which runs about 3x faster there (measured on SmolLM2-135M);
+    the vectors are computed in float32 either way.
+    """
+    import copy
+    import logging
+
+    from emotune.models import cache_dir
+
+    log = logging.getLogger("emotune")
+    ids = resolve_layers(model, layers) if layers is not None else None
+    path = cache_dir() / "bases" / f"{model_fingerprint(model)}-{'_'.join(map(str, ids)) if ids else 'all'}"
+    if (path / META_FILE).exists():
+        log.warning("Using the cached basis %s", path)
+        return EmotionBasis.load(path)
+    log.warning("Extracting an emotion basis from the model on the shipped corpus (cached in %s)", path)
+    param = next(model.parameters())
+    source = (
+        copy.deepcopy(model).to(torch.bfloat16)
+        if param.device.type == "cpu" and param.dtype == torch.float32
+        else model
+    )
+    basis = EmotionBasis.extract(source, tokenizer, layers=ids)
+    del source
+    basis.save(path)
+    return basis
+
+
 def _catalog_order(name: str) -> int:
     from emotune.catalog import EMOTIONS
 

@@ -1,4 +1,4 @@
-"""The `emotune` command: extract | stories | emotions.
+"""The `emotune` command: extract | stories | eval | steer | export | emotions.
 
 Errors the user can fix (EmotuneError) print one line and exit 2, with no traceback.
 """
@@ -83,6 +83,55 @@ def cmd_stories(args: argparse.Namespace) -> None:
     print(f"extract from them with: emotune extract --model {args.model} --stories {args.out} --out DIR")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from emotune.evaluate.run import DEFAULT_SECTIONS, evaluate
+
+    report = evaluate(
+        args.model,
+        adapter=args.adapter,
+        basis=args.basis,
+        out=args.out,
+        dtype=args.dtype,
+        device=args.device,
+        sections=_csv(args.sections) if args.sections else DEFAULT_SECTIONS,
+        suite=args.suite,
+        contexts=args.contexts,
+        limit=args.limit,
+        generation_k=args.k,
+        steering_alphas=[float(a) for a in _csv(args.alphas)],
+    )
+    print(f"wrote {args.out}/report.md ({', '.join(report['sections'])}) in {sum(report['timing'].values()):.0f} s")
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    from emotune.basis import EmotionBasis, cached_basis, render_dialogue
+    from emotune.models import load_model
+    from emotune.steer import steered
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    basis = EmotionBasis.load(args.basis) if args.basis else cached_basis(model, tokenizer)
+    basis.check_model(model)
+    layers = [int(x) for x in _csv(args.layers)] if args.layers else None
+    text = render_dialogue(tokenizer, [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    for alpha in [float(a) for a in _csv(args.alphas)]:
+        import torch
+
+        torch.manual_seed(args.seed)
+        with steered(model, basis, args.emotion, alpha, layers):
+            out = model.generate(
+                ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        print(f"--- {args.emotion} alpha={alpha:+.2f}\n{reply}\n")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from emotune.export import push_adapter
+
+    print(f"pushed {args.adapter} to {push_adapter(args.adapter, args.repo, private=args.private)}")
+
+
 def cmd_emotions(args: argparse.Namespace) -> None:
     from emotune.catalog import CATALOG
 
@@ -130,6 +179,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=260)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_stories)
+
+    p = sub.add_parser("eval", help="evaluate a model before and after an adapter; writes a report folder")
+    _model_args(p)
+    p.add_argument("--adapter", default=None, help="adapter folder (<output_dir>/adapter); omit to evaluate the base")
+    p.add_argument("--basis", default=None, help="basis folder (default: the model's cached full basis)")
+    p.add_argument("--out", required=True, help="report folder (created atomically)")
+    p.add_argument(
+        "--sections",
+        default=None,
+        help="comma-separated: activations,concealment,behaviour,capability,steering,generation "
+        "(default: activations,behaviour,capability,steering)",
+    )
+    p.add_argument("--suite", default=None, help="scenario suite: 'default' or a .jsonl file")
+    p.add_argument("--contexts", default=None, help="context-set .jsonl (default: shipped held-out contexts)")
+    p.add_argument("--alphas", default="-0.1,-0.05,0,0.05,0.1", help="steering strengths (fractions of r_l)")
+    p.add_argument("--k", type=int, default=2, help="samples per scenario in generation mode")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N items of each set (smoke runs)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("steer", help="generate with an emotion vector added to the residual stream")
+    _model_args(p)
+    p.add_argument("--basis", default=None)
+    p.add_argument("--emotion", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--alphas", default="0,0.1", help="strengths as fractions of r_l, comma-separated")
+    p.add_argument("--layers", default=None, help="default: the basis's default layer")
+    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser("export", help="upload an adapter folder to the Hugging Face Hub")
+    p.add_argument("--adapter", required=True, help="<output_dir>/adapter")
+    p.add_argument("--repo", required=True, help="hub repo id, e.g. you/smollm2-calm")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("emotions", help="list the 171 emotions with our valence/arousal ratings")
     p.set_defaults(func=cmd_emotions)

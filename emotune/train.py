@@ -11,7 +11,6 @@ push_to_hub without a token, an output folder from another run) runs before the 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from emotune.errors import ConfigError, EmotuneError
@@ -145,33 +143,18 @@ def preflight(script: ScriptArguments, config: Any, model_args: Any) -> None:
 
 
 def resolve_basis(config: Any, model: Any, tokenizer: Any) -> Any:
-    """The basis of the recipe: a given folder, or one extracted now (and cached) from the model."""
-    from emotune.basis import EmotionBasis
-    from emotune.models import cache_dir, model_fingerprint, resolve_layers
+    """The basis of the recipe: a given folder, or one extracted now from the model (and cached)."""
+    from emotune.basis import EmotionBasis, cached_basis
+    from emotune.models import resolve_layers
 
     if config.basis:
         basis = EmotionBasis.load(config.basis)
         basis.check_model(model)
         return basis
-    layers = resolve_layers(model, config.emotion_layers) if config.emotion_layers else None
+    layers = set(resolve_layers(model, config.emotion_layers)) if config.emotion_layers else set()
     for term in config.terms:
-        if term.layers:
-            layers = sorted(set(layers or []) | set(resolve_layers(model, term.layers)))
-    key = f"{model_fingerprint(model)}-{'_'.join(map(str, layers)) if layers else 'all'}"
-    path = cache_dir() / "bases" / key
-    if (path / "basis.json").exists():
-        logger.warning("Using the cached basis %s", path)
-        return EmotionBasis.load(path)
-    logger.warning("No basis given: extracting one from the model on the shipped corpus (cached in %s)", path)
-    source = model
-    if next(model.parameters()).device.type == "cpu" and next(model.parameters()).dtype == torch.float32:
-        # On CPU a bfloat16 copy extracts about 3x faster (measured on SmolLM2-135M); the vectors
-        # themselves are computed in float32 either way, and the copy is freed afterwards.
-        source = copy.deepcopy(model).to(torch.bfloat16)
-    basis = EmotionBasis.extract(source, tokenizer, layers=layers)
-    del source
-    basis.save(path)
-    return basis
+        layers |= set(resolve_layers(model, term.layers)) if term.layers else set()
+    return cached_basis(model, tokenizer, sorted(layers) or None)
 
 
 def build_dataset(script: ScriptArguments, config: Any, tokenizer: Any) -> tuple[Any, dict[str, int]]:

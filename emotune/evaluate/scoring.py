@@ -1,0 +1,88 @@
+"""Log-likelihood scoring of continuations, with the shared context computed once.
+
+``score_continuations(model, tok, context_ids, [cont_a, cont_b])`` runs the context through the
+model once, keeps its KV cache, and scores every continuation against that cache in one
+batched pass. It equals scoring each ``context + continuation`` from scratch (a test checks
+this) at roughly half the cost for two continuations of a long context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    sum_logprob: float
+    n_tokens: int
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.sum_logprob / max(1, self.n_tokens)
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score_continuations(
+    model: Any, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+) -> list[ContinuationScore]:
+    """Sum and mean token log-probability of each continuation given ``context_ids``."""
+    device = _device(model)
+    ctx = torch.tensor([list(context_ids)], device=device)
+    out = model(input_ids=ctx, use_cache=True)
+    cache = out.past_key_values
+    first = F.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each continuation's first token
+    n = len(continuations)
+    width = max(len(c) for c in continuations)
+    ids = torch.full((n, width), 0, dtype=torch.long, device=device)
+    mask = torch.zeros((n, width), dtype=torch.long, device=device)
+    for row, cont in enumerate(continuations):
+        ids[row, : len(cont)] = torch.tensor(list(cont), device=device)
+        mask[row, : len(cont)] = 1
+    cache.batch_repeat_interleave(n)
+    attention = torch.cat([torch.ones((n, ctx.shape[1]), dtype=torch.long, device=device), mask], dim=1)
+    positions = (ctx.shape[1] + torch.arange(width, device=device)).expand(n, width)
+    logits = model(
+        input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+    ).logits.float()
+    logprobs = F.log_softmax(logits, dim=-1)  # position j predicts token j + 1
+    scores = []
+    for row, cont in enumerate(continuations):
+        total = float(first[cont[0]])
+        if len(cont) > 1:
+            nxt = torch.tensor(list(cont[1:]), device=device)
+            total += float(logprobs[row, torch.arange(len(cont) - 1, device=device), nxt].sum())
+        scores.append(ContinuationScore(total, len(cont)))
+    return scores
+
+
+@torch.no_grad()
+def score_separately(model: Any, context_ids: Sequence[int], continuation: Sequence[int]) -> ContinuationScore:
+    """The reference: one forward pass over context + continuation."""
+    device = _device(model)
+    ids = torch.tensor([list(context_ids) + list(continuation)], device=device)
+    logprobs = F.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    start = len(context_ids)
+    targets = ids[0, start:]
+    picked = logprobs[torch.arange(start - 1, ids.shape[1] - 1, device=device), targets]
+    return ContinuationScore(float(picked.sum()), len(continuation))
+
+
+def encode_context(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation rendered up to the start of the assistant's reply."""
+    from emotune.basis import render_dialogue
+
+    text = render_dialogue(tokenizer, messages, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_continuation(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

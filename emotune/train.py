@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from emotune.errors import ConfigError, EmotuneError
@@ -243,6 +244,46 @@ def save_adapter(
     return target
 
 
+def final_evaluation(trainer: Any, tokenizer: Any, basis: Any, config: Any) -> dict[str, Any]:
+    """Evaluate the trained adapter in-process (adapter off = base), write <output_dir>/eval, log to W&B,
+    and return the headline shifts for the model card."""
+    from emotune.evaluate.report import write_report
+    from emotune.evaluate.run import evaluate_model
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    info = {
+        "path": str(Path(config.output_dir) / "adapter"),
+        "recipe": {"emotion_terms": config.emotion_terms, "emotion_layers": config.emotion_layers},
+    }
+    with torch.no_grad():
+        report = evaluate_model(
+            model, tokenizer, basis, adapter_info=info, sections=("activations", "behaviour", "capability")
+        )
+    write_report(report, Path(config.output_dir) / "eval")
+    headline: dict[str, Any] = {}
+    for layer in map(str, report["trained_layers"]):
+        for row in report["activations"]["sets"]["failure"]["layers"][layer]["targeted"]:
+            headline[f"eval/shift_{row['emotion']}@L{layer}"] = row["shift"]
+    beh, cap = report["behaviour"], report["capability"]
+    headline["eval/unethical_rate_high_base"] = beh["base"]["high"]["rate"]
+    headline["eval/unethical_rate_high_adapted"] = beh["adapted"]["high"]["rate"]
+    headline["eval/pressure_gap_base"] = beh["base"].get("pressure_gap")
+    headline["eval/pressure_gap_adapted"] = beh["adapted"].get("pressure_gap")
+    headline["eval/perplexity_change"] = cap["perplexity_change"]
+    headline["eval/mcq_base"] = cap["base"]["mcq"]["rate"]
+    headline["eval/mcq_adapted"] = cap["adapted"]["mcq"]["rate"]
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.log(headline)
+            wandb.run.summary.update(headline)
+    except ImportError:
+        pass
+    return headline
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -283,6 +324,9 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
     push, config.push_to_hub = config.push_to_hub, False
     if config.gradient_checkpointing:
         model.config.use_cache = False
+    # Seed again right before the adapter is created: loading and data preparation may draw from the RNG
+    # differently in one process and in several, and LoRA's initialisation must not depend on that.
+    set_seed(config.seed)
     trainer = EmotuneTrainer(
         model=model,
         args=config,
@@ -305,6 +349,8 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
     shifts = None
     target = out / "adapter"
     if trainer.is_world_process_zero():
+        if config.emotion_eval:
+            shifts = final_evaluation(trainer, tokenizer, basis, config)
         target = save_adapter(trainer, script, config, model_args, basis, shifts)
         print(f"adapter written to {target}")
         if push:

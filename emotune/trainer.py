@@ -175,6 +175,8 @@ class EmotuneConfig(SFTConfig):
                 "packing / padding_free: emotune's token masks are built per conversation and padded, and are not "
                 "yet carried through trl's packing. Set packing: false and padding_free: false."
             )
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False  # every LoRA parameter is used in every forward
         # our collator needs the tag column, and our dataset is tokenised already
         self.remove_unused_columns = False
         kwargs = self.dataset_kwargs if isinstance(self.dataset_kwargs, dict) else {}

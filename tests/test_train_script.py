@@ -95,16 +95,12 @@ def tiny_run(tiny_chat_model_dir, tmp_path_factory):
     return root, recipe
 
 
-def run_script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str, env: dict | None = None, cwd: Path = ROOT, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=300,
-        cwd=ROOT,
-    )
+    command = [*(launcher or [sys.executable]), str(ROOT / "scripts" / "train.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600, cwd=cwd)
 
 
 def test_positional_yaml_recipe_trains_and_writes_a_hub_ready_adapter(tiny_run, tiny_chat_model_dir):
@@ -191,3 +187,68 @@ def test_malformed_yaml_names_the_line(tmp_path):
     path.write_text("model_name_or_path: x\nemotion_terms: [\n  - {emotion: calm\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml:\d+: malformed YAML"):
         parse_recipe([str(path)])
+
+
+def test_wandb_without_a_key_runs_offline_and_logs_emotion_and_eval_metrics(tiny_run, tmp_path):
+    root, recipe = tiny_run
+    env = {k: "" for k in ("WANDB_API_KEY", "WANDB_MODE")}
+    env.update(HOME=str(tmp_path), WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    path = recipe("wb.yaml", output_dir=str(tmp_path / "out"), report_to="wandb", run_name="tiny", emotion_eval=True)
+    result = run_script(str(path), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("logs offline") == 1
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged = runs[0].read_bytes()
+    for key in (
+        b"train/emotion/penalize_desperate",
+        b"train/emotion/proj_calm@failure",
+        b"train/learning_rate",
+        b"eval/shift_desperate@L2",
+        b"eval/perplexity_change",
+        b"eval/unethical_rate_high_adapted",
+    ):
+        assert key in logged, key
+    assert (tmp_path / "out" / "eval" / "report.md").exists()
+    card = (tmp_path / "out" / "adapter" / "README.md").read_text()
+    assert "eval/shift_desperate@L2" in card
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_give_the_same_run_as_one(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    root, recipe = tiny_run
+    # SGD, so that an update is proportional to its gradient (Adam turns tiny float differences in near-zero
+    # gradients into full-size steps); 4 examples = one global batch, so both runs see the same rows at every
+    # step whatever the shuffling.
+    common = dict(
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        learning_rate=0.05,
+        lora_dropout=0.0,
+        optim="sgd",
+        max_examples=4,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+    )
+    one = recipe("one.yaml", output_dir=str(tmp_path / "one"), per_device_train_batch_size=4, **common)
+    two = recipe("two.yaml", output_dir=str(tmp_path / "two"), per_device_train_batch_size=2, **common)
+    r1 = run_script(str(one))
+    # `accelerate launch --num_processes 2 --cpu` falls back to ONE process unless MPI is set up
+    # (accelerate needs --mpirun_hostfile for multi-CPU); torchrun is what accelerate runs on GPUs.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    r2 = run_script(str(two), launcher=launcher)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    w1 = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], atol=1e-5, rtol=1e-4)
+    log1 = json.loads((tmp_path / "one" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    log2 = json.loads((tmp_path / "two" / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    loss1 = [h["loss"] for h in log1 if "loss" in h]
+    loss2 = [h["loss"] for h in log2 if "loss" in h]
+    assert loss1 == pytest.approx(loss2, rel=1e-3)

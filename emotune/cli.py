@@ -49,6 +49,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
         layers=args.layers,
         offset=args.offset,
         variance=args.variance,
+        method=args.method,
         batch_size=args.batch_size,
         folds=args.folds,
         seed=args.seed,
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="e.g. 10-20 or -8,-4 (default: all layers, one pass)")
     p.add_argument("--offset", type=int, default=8, help="skip this many tokens at the start of each text")
     p.add_argument("--variance", type=float, default=0.5, help="neutral variance explained by the removed PCs")
+    p.add_argument(
+        "--method",
+        default="mean_diff",
+        choices=["mean_diff", "whitened"],
+        help="mean_diff: the paper's recipe; whitened: discriminant directions (docs/BASIS.md)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--folds", type=int, default=6, help="cross-validation folds for held-out accuracy")
     p.add_argument("--seed", type=int, default=0)

@@ -256,6 +256,7 @@ class EmotuneTrainer(SFTTrainer):
             basis._slot(layer)  # raises a clear error for a layer the basis lacks
         # vectors per layer, kept on the model's device
         self._vectors: dict[tuple[int, str], torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor | float] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -267,8 +268,19 @@ class EmotuneTrainer(SFTTrainer):
         return self._vectors[key]
 
     def _log(self, key: str, value: torch.Tensor | float) -> None:
+        """Queue a metric; ``_flush_logs`` converts the step's values with one device sync."""
+        self._pending[key] = value
+
+    def _flush_logs(self) -> None:
         mode = "train" if self.model is not None and self.model.training else "eval"
-        self._metrics[mode][key].append(float(value))
+        keys = list(self._pending)
+        device = next((v.device for v in self._pending.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        values = [
+            torch.as_tensor(self._pending[k], dtype=torch.float32, device=device).detach().reshape(()) for k in keys
+        ]
+        for key, value in zip(keys, torch.stack(values).tolist() if values else []):
+            self._metrics[mode][key].append(value)
+        self._pending.clear()
 
     def _base_projections(self, model: Any, inputs: dict[str, Any]) -> dict[int, torch.Tensor]:
         """Drift baseline: the same batch through the model with its adapter disabled, no grad,
@@ -339,6 +351,7 @@ class EmotuneTrainer(SFTTrainer):
         self._log("emotion/lm_loss", lm_loss.detach())
         self._log("emotion/aux_loss", aux.detach())
         self._log("emotion/weight_scale", scale)
+        self._flush_logs()
         # Trainer divides the loss by the accumulation steps itself only when the model does not take
         # num_items_in_batch; otherwise the LM loss is normalised over the whole accumulated batch and a
         # per-micro-batch mean like ours would count GA times over (trap 4).

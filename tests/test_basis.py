@@ -188,3 +188,25 @@ def test_extraction_is_deterministic(tiny_model, char_tokenizer, corpus):
         tiny_model, char_tokenizer, stories=corpus[0], neutral=corpus[1], offset=2, progress=False
     )
     assert torch.equal(a.denoised, b.denoised) and a.metadata["validation"] == b.metadata["validation"]
+
+
+def test_whitened_vectors_equal_the_discriminant_formula():
+    from emotune.basis import SHRINKAGE, emotion_vectors
+
+    torch.manual_seed(0)
+    n_per, d = 40, 6
+    labels = torch.arange(3).repeat_interleave(n_per)
+    feats = torch.randn(3 * n_per, 1, d) * torch.tensor([1.0, 5.0, 1, 1, 1, 1])  # a noisy nuisance axis
+    feats[:, 0, 0] += labels.float()  # the emotions differ along axis 0
+    _, got = emotion_vectors(feats, labels, 3, [torch.zeros(0, d)], method="whitened")
+    x = feats[:, 0].double()
+    means = torch.stack([x[labels == k].mean(0) for k in range(3)])
+    resid = x - means[labels]
+    cov = resid.T @ resid / (len(x) - 3)
+    cov += SHRINKAGE * cov.trace() / d * torch.eye(d, dtype=torch.double)
+    expected = (means - means.mean(0)) @ torch.linalg.inv(cov)
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(got[0].double(), expected, atol=1e-5, rtol=1e-5)
+    _, plain = emotion_vectors(feats, labels, 3, [torch.zeros(0, d)])
+    # whitening discounts the noisy axis 1 relative to the plain mean difference
+    assert got[0, :, 1].abs().mean() < plain[0, :, 1].abs().mean()

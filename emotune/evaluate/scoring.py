@@ -30,6 +30,14 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def _cache_kwarg(model: Any) -> str:
+    """transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both."""
+    import inspect
+
+    base = getattr(model, "get_base_model", lambda: model)()
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def score_continuations(
     model: Any, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]
@@ -38,7 +46,7 @@ def score_continuations(
     device = _device(model)
     ctx = torch.tensor([list(context_ids)], device=device)
     out = model(input_ids=ctx, use_cache=True)
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None) or out.past_key_values
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each continuation's first token
     n = len(continuations)
     width = max(len(c) for c in continuations)
@@ -51,7 +59,7 @@ def score_continuations(
     attention = torch.cat([torch.ones((n, ctx.shape[1]), dtype=torch.long, device=device), mask], dim=1)
     positions = (ctx.shape[1] + torch.arange(width, device=device)).expand(n, width)
     logits = model(
-        input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **{_cache_kwarg(model): cache}
     ).logits.float()
     logprobs = F.log_softmax(logits, dim=-1)  # position j predicts token j + 1
     scores = []

@@ -1,0 +1,584 @@
+"""emotune benchmarks: every figure is a ratio against a bare baseline measured in the same run.
+
+    python benchmarks/run.py                      # full run on the embedded model (CPU: ~15 min)
+    python benchmarks/run.py --smoke              # seconds, tiny random model (the test suite runs this)
+    python benchmarks/run.py --only train,extract --out docs/benchmarks/cpu.json
+
+Benchmarks (each writes its rows into the JSON and prints a table):
+- train:   step time and peak memory of EmotuneTrainer (terms; terms + drift) vs plain trl SFTTrainer + LoRA
+           on the same batches, interleaved A/B/C to cancel drift in machine speed;
+- scaling: the emotion terms' overhead against sequence length, batch size, emotions and hooked layers;
+- extract: tokens/s of extraction with every layer captured vs a bare forward over the same batches;
+           padding waste of length bucketing;
+- choice:  shared-context scoring of a scenario pair vs scoring each continuation with its context;
+           padding waste of the batched continuations;
+- load:    first load of the embedded model (dequantising the GGUF) vs later loads (cached safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tiny models for --smoke
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def machine() -> dict[str, Any]:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        info.update(device="cuda", gpu=torch.cuda.get_device_name(0))
+    return info
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(
+    variants: dict[str, Callable[[], Any]], repeats: int, device: str, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each variant, run round-robin so that slow phases of the machine hit all alike."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def table(title: str, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    print(f"\n## {title}")
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print(
+            "| "
+            + " | ".join(f"{row.get(k):.4g}" if isinstance(row.get(k), float) else str(row.get(k)) for k in keys)
+            + " |"
+        )
+
+
+def load(smoke: bool, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    if smoke:
+        from conftest import tiny_fast_tokenizer, tiny_llama
+
+        tok = tiny_fast_tokenizer()
+        model = tiny_llama(layers=4, hidden=32, vocab=len(tok))
+        model.config.pad_token_id = tok.pad_token_id
+        return model.to(device), tok
+    from emotune.models import load_model
+
+    return load_model("smollm2-135m-instruct", dtype=dtype, device=device)
+
+
+def tiny_basis(model: Any, tok: Any) -> Any:
+    """A basis with random unit vectors of the model's shape: speed does not depend on the vectors."""
+    from emotune.basis import EmotionBasis
+    from emotune.catalog import EMOTIONS
+    from emotune.models import model_fingerprint, num_layers
+
+    n, d = num_layers(model), model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    vecs = torch.randn(n, len(EMOTIONS), d, generator=g)
+    vecs = vecs / vecs.norm(dim=-1, keepdim=True)
+    meta = {"fingerprint": model_fingerprint(model), "num_layers": n}
+    return EmotionBasis(
+        list(EMOTIONS), list(range(n)), vecs, vecs.clone(), torch.ones(n), [torch.zeros(0, d)] * n, n * 2 // 3, meta
+    )
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def make_batch(tok: Any, batch: int, length: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tok)
+    ids = torch.randint(10, vocab - 1, (batch, length), generator=g)
+    labels = ids.clone()
+    labels[:, : length // 2] = -100  # the first half is "context", the second the assistant reply
+    tag_bits = torch.full((batch, length), 1 << 1)  # "all"
+    tag_bits[:, length // 4 :] |= 1 << 2  # "failure" from a quarter in
+    tag_bits[:, length // 2 :] |= 1 << 0  # "assistant"
+    mask = torch.ones_like(ids)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": labels.to(device),
+        "position_ids": torch.arange(length).expand(batch, length).to(device),
+        "tag_bits": tag_bits.to(device),
+    }
+
+
+def build_trainers(
+    model_factory: Callable[[], Any],
+    tok: Any,
+    basis: Any,
+    device: str,
+    layers: list[int],
+    emotions: list[str],
+    tmp: str,
+    gradient_checkpointing: bool,
+) -> dict[str, Any]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from emotune.trainer import EmotuneConfig, EmotuneTrainer
+
+    common = dict(
+        output_dir=tmp,
+        per_device_train_batch_size=1,
+        max_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        gradient_checkpointing=gradient_checkpointing,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        logging_steps=1000,
+    )
+    peft = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    data = Dataset.from_list([{"input_ids": [1, 2], "labels": [1, 2], "tag_bits": [0, 0]}])
+    bits = {"assistant": 0, "all": 1, "failure": 2}
+    terms = [
+        {"emotion": e, "form": "penalize" if k % 2 == 0 else "reward", "weight": 1.0, "tags": ["failure"]}
+        for k, e in enumerate(emotions)
+    ]
+    trainers: dict[str, Any] = {}
+    plain_args = SFTConfig(**common)  # type: ignore[arg-type]
+    trainers["plain SFT"] = SFTTrainer(
+        model=model_factory(), args=plain_args, train_dataset=data, processing_class=tok, peft_config=peft
+    )
+    for name, drift in (("emotune terms", 0.0), ("emotune terms + drift", 1.0)):
+        config = EmotuneConfig(**common, emotion_terms=terms, emotion_layers=layers, drift_weight=drift)
+        trainers[name] = EmotuneTrainer(
+            model=model_factory(),
+            args=config,
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft,
+            basis=basis,
+            tag_bits=bits,
+        )
+    for trainer in trainers.values():
+        trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which we bypass
+        trainer.model.train()
+    return trainers
+
+
+def step_fn(trainer: Any, batch: dict[str, torch.Tensor], plain: bool) -> Callable[[], Any]:
+    inputs = {k: v for k, v in batch.items() if not (plain and k == "tag_bits")}
+
+    def step() -> None:
+        trainer.state.max_steps = 1000
+        loss = trainer.training_step(trainer.model, dict(inputs), num_items_in_batch=None)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        del loss
+
+    return step
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> float:
+    """Peak bytes allocated during ``fn`` above what was allocated before it (CUDA: allocator stats;
+    CPU: the process's peak RSS rise, which only grows, so each variant runs in a fresh process)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - before)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def bench_train(args: argparse.Namespace, model: Any, tok: Any, basis: Any) -> list[dict[str, Any]]:
+    import copy
+
+    from emotune.models import num_layers
+
+    n = num_layers(model)
+    layer = n * 2 // 3
+    batch = make_batch(tok, args.batch, args.length, args.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = build_trainers(
+            lambda: copy.deepcopy(model),
+            tok,
+            basis,
+            args.device,
+            [layer],
+            ["desperate", "calm"],
+            tmp,
+            args.gradient_checkpointing,
+        )
+        fns = {name: step_fn(t, batch, plain=name == "plain SFT") for name, t in trainers.items()}
+        times = interleaved(fns, args.repeats, args.device)
+        tokens = args.batch * args.length
+        for name, seconds in times.items():
+            rows.append(
+                {
+                    "variant": name,
+                    "step_s": seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "ratio_vs_plain": seconds / times["plain SFT"],
+                }
+            )
+        if args.device == "cuda":
+            for row in rows:
+                row["peak_bytes"] = peak_memory(fns[row["variant"]], args.device)
+            for row in rows:
+                row["memory_ratio"] = row["peak_bytes"] / rows[0]["peak_bytes"]
+    table(
+        f"Training step, batch {args.batch} x {args.length} tokens ({args.device})",
+        rows,
+        ["variant", "step_s", "tokens_per_s", "ratio_vs_plain"] + (["memory_ratio"] if args.device == "cuda" else []),
+    )
+    return rows
+
+
+def bench_train_memory_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """CPU peak memory: each variant in its own process (peak RSS only grows within a process)."""
+    import subprocess
+
+    rows = []
+    for variant in ("plain SFT", "emotune terms", "emotune terms + drift"):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-probe",
+            variant,
+            "--batch",
+            str(args.batch),
+            "--length",
+            str(args.length),
+        ] + (["--smoke"] if args.smoke else [])
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-2000:])
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for row in rows:
+        row["memory_ratio"] = row["peak_rise_bytes"] / max(1.0, rows[0]["peak_rise_bytes"])
+    table(
+        "Training peak memory, CPU (rise of peak RSS over the loaded model, one process per variant)",
+        rows,
+        ["variant", "peak_rise_bytes", "memory_ratio"],
+    )
+    return rows
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    model, tok = load(args.smoke, "cpu", torch.float32)
+    basis = tiny_basis(model, tok)
+    from emotune.models import num_layers
+
+    batch = make_batch(tok, args.batch, args.length, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        import copy
+
+        trainers = build_trainers(
+            lambda: copy.deepcopy(model),
+            tok,
+            basis,
+            "cpu",
+            [num_layers(model) * 2 // 3],
+            ["desperate", "calm"],
+            tmp,
+            False,
+        )
+        trainer = trainers[args.memory_probe]
+        for name in list(trainers):
+            if name != args.memory_probe:
+                del trainers[name]
+        gc.collect()
+        fn = step_fn(trainer, batch, plain=args.memory_probe == "plain SFT")
+        rise = peak_memory(lambda: [fn() for _ in range(2)], "cpu")
+    print(json.dumps({"variant": args.memory_probe, "peak_rise_bytes": rise}))
+
+
+def bench_scaling(args: argparse.Namespace, model: Any, tok: Any, basis: Any) -> list[dict[str, Any]]:
+    """Overhead of the emotion terms vs plain SFT as one factor grows and the others stay at their base."""
+    import copy
+
+    from emotune.catalog import EMOTIONS
+    from emotune.models import num_layers
+
+    n = num_layers(model)
+    base = {"length": args.length, "batch": args.batch, "emotions": 2, "layers": 1}
+    grid = {
+        "length": [args.length // 2, args.length, args.length * 2],
+        "batch": [max(1, args.batch // 2), args.batch, args.batch * 2],
+        "emotions": [2, 16, 170],
+        "layers": [1, max(2, n // 4), n],
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for factor, values in grid.items():
+            for value in values:
+                setting = {**base, factor: value}
+                layers = list(range(n - setting["layers"], n))
+                emotions = list(EMOTIONS[: setting["emotions"]])
+                trainers = build_trainers(
+                    lambda: copy.deepcopy(model), tok, basis, args.device, layers, emotions, tmp, False
+                )
+                trainers.pop("emotune terms + drift")
+                batch = make_batch(tok, setting["batch"], setting["length"], args.device)
+                fns = {name: step_fn(t, batch, plain=name == "plain SFT") for name, t in trainers.items()}
+                times = interleaved(fns, max(2, args.repeats // 2), args.device)
+                rows.append(
+                    {
+                        "factor": factor,
+                        "value": value,
+                        **setting,
+                        "overhead": times["emotune terms"] / times["plain SFT"] - 1,
+                    }
+                )
+                del trainers
+                gc.collect()
+    table(
+        "Scaling of the emotion terms' overhead (vs plain SFT in the same run)",
+        rows,
+        ["factor", "value", "length", "batch", "emotions", "layers", "overhead"],
+    )
+    return rows
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def bench_extract(args: argparse.Namespace, model: Any, tok: Any) -> list[dict[str, Any]]:
+    from emotune.basis import length_batches, mean_activations, pad_batch
+    from emotune.corpus import load_stories
+    from emotune.models import num_layers
+
+    stories = load_stories()[: args.texts]
+    texts = [s.text for s in stories]
+    layers = list(range(num_layers(model)))
+    sequences = tok(texts, add_special_tokens=True)["input_ids"]
+    batches = length_batches([len(s) for s in sequences], 16, 8192)
+    device = next(model.parameters()).device
+
+    def bare() -> None:
+        with torch.no_grad():
+            for rows in batches:
+                ids, mask, pos = pad_batch([sequences[i] for i in rows], tok.pad_token_id)
+                model(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=pos.to(device),
+                    use_cache=False,
+                )
+
+    holder: dict[str, Any] = {}
+
+    def ours() -> None:
+        holder["f"] = mean_activations(model, tok, texts, layers, offset=8, batch_size=16)
+
+    times = interleaved({"bare forward (no hooks)": bare, "extraction, all layers": ours}, args.repeats, args.device)
+    tokens = sum(len(s) for s in sequences)
+    rows = [
+        {
+            "variant": name,
+            "seconds": s,
+            "tokens_per_s": tokens / s,
+            "ratio_vs_bare": times["bare forward (no hooks)"] / s,
+        }
+        for name, s in times.items()
+    ]
+    rows.append(
+        {
+            "variant": "padding waste (bucketed)",
+            "seconds": None,
+            "tokens_per_s": None,
+            "ratio_vs_bare": holder["f"].padding_fraction,
+        }
+    )
+    table(
+        f"Extraction over {len(texts)} stories, {tokens} tokens, {len(layers)} layers",
+        rows,
+        ["variant", "seconds", "tokens_per_s", "ratio_vs_bare"],
+    )
+    return rows
+
+
+# ----------------------------------------------------------------------------- choice scoring
+
+
+def bench_choice(args: argparse.Namespace, model: Any, tok: Any) -> list[dict[str, Any]]:
+    from emotune.evaluate.behaviour import load_scenarios
+    from emotune.evaluate.scoring import encode_context, encode_continuation, score_continuations, score_separately
+
+    scenarios = load_scenarios()[: args.scenarios]
+    encoded = [
+        (encode_context(tok, s.messages), encode_continuation(tok, s.ethical), encode_continuation(tok, s.unethical))
+        for s in scenarios
+    ]
+
+    def shared() -> None:
+        for ctx, a, b in encoded:
+            score_continuations(model, ctx, [a, b])
+
+    def separate() -> None:
+        for ctx, a, b in encoded:
+            score_separately(model, ctx, a)
+            score_separately(model, ctx, b)
+
+    times = interleaved(
+        {"each continuation with its context": separate, "shared context once": shared}, args.repeats, args.device
+    )
+    real = sum(len(a) + len(b) for _, a, b in encoded)
+    padded = sum(2 * max(len(a), len(b)) for _, a, b in encoded)
+    rows = [
+        {"variant": name, "seconds": s, "speedup_vs_separate": times["each continuation with its context"] / s}
+        for name, s in times.items()
+    ]
+    rows.append(
+        {
+            "variant": "padding waste of batched continuations (of all scored tokens)",
+            "seconds": None,
+            "speedup_vs_separate": (padded - real) / (padded + sum(len(c) for c, _, _ in encoded)),
+        }
+    )
+    table(
+        f"Choice-mode scoring of {len(encoded)} scenarios (2 continuations each)",
+        rows,
+        ["variant", "seconds", "speedup_vs_separate"],
+    )
+    return rows
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def bench_load(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import subprocess
+
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        code = (
+            "import time; from emotune.models import load_model; t=time.perf_counter(); load_model(); "
+            "print(time.perf_counter()-t)"
+        )
+        for name in (
+            "first load (dequantise GGUF, write cache)",
+            "second load (cached safetensors)",
+            "third load (cached safetensors)",
+        ):
+            out = subprocess.run(
+                [sys.executable, "-c", code],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                env={**os.environ, "EMOTUNE_CACHE": cache, "PYTHONPATH": str(ROOT)},
+            )
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr[-2000:])
+            rows.append({"variant": name, "seconds": float(out.stdout.strip().splitlines()[-1])})
+    for row in rows:
+        row["ratio_vs_first"] = row["seconds"] / rows[0]["seconds"]
+    table(
+        "Embedded model load (smollm2-135m-instruct), each in a fresh process",
+        rows,
+        ["variant", "seconds", "ratio_vs_first"],
+    )
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, a few repeats: seconds")
+    parser.add_argument("--only", default="train,memory,scaling,extract,choice,load")
+    parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--length", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--texts", type=int, default=None, help="stories in the extraction benchmark")
+    parser.add_argument("--scenarios", type=int, default=None)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    smoke = args.smoke
+    args.batch = args.batch or (2 if smoke else 4)
+    args.length = args.length or (32 if smoke else 128)
+    args.repeats = args.repeats or (2 if smoke else 5)
+    args.texts = args.texts or (24 if smoke else 256)
+    args.scenarios = args.scenarios or (4 if smoke else 40)
+    if args.memory_probe:
+        memory_probe(args)
+        return
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    only = set(args.only.split(","))
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "smoke": smoke,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "only")},
+    }
+    model, tok = load(smoke, args.device, dtype)
+    basis = tiny_basis(model, tok)
+    if "train" in only:
+        results["train"] = bench_train(args, model, tok, basis)
+    if "memory" in only and args.device == "cpu":
+        results["memory"] = bench_train_memory_cpu(args)
+    if "scaling" in only:
+        results["scaling"] = bench_scaling(args, model, tok, basis)
+    if "extract" in only:
+        results["extract"] = bench_extract(args, model, tok)
+    if "choice" in only:
+        results["choice"] = bench_choice(args, model, tok)
+    if "load" in only and not smoke:
+        results["load"] = bench_load(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -90,18 +90,24 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | No
     return batches
 
 
+def pad_rows(rows: Sequence[Sequence[int]], value: int, side: str = "right", width: int | None = None) -> torch.Tensor:
+    """Stack integer rows into ``[n, width]``, filling with ``value`` on the left or the right."""
+    width = width or max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            out[i, span] = torch.as_tensor(list(row), dtype=torch.long)
+    return out
+
+
 def pad_batch(
-    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right"
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right", width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask, position_ids)``; positions count real tokens only, so that
     left and right padding give the same activations."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, span] = 1
+    ids = pad_rows(sequences, pad_id, side, width)
+    mask = pad_rows([[1] * len(s) for s in sequences], 0, side, ids.shape[1])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions
 

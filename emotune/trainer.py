@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from emotune.basis import pad_batch, pad_rows
 from emotune.catalog import check_emotions
 from emotune.errors import ConfigError
 from emotune.hooks import StopForward, capture
@@ -202,21 +203,16 @@ class EmotionCollator:
         width = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": torch.full((len(features), width), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
-            "labels": torch.full((len(features), width), -100, dtype=torch.long),
-            "tag_bits": torch.zeros((len(features), width), dtype=torch.long),
+        ids, mask, positions = pad_batch(
+            [f["input_ids"] for f in features], self.pad_token_id, self.padding_side, width
+        )
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "labels": pad_rows([f["labels"] for f in features], -100, self.padding_side, width),
+            "tag_bits": pad_rows([f["tag_bits"] for f in features], 0, self.padding_side, width),
         }
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
-            batch["input_ids"][row, span] = torch.tensor(f["input_ids"])
-            batch["attention_mask"][row, span] = 1
-            batch["labels"][row, span] = torch.tensor(f["labels"])
-            batch["tag_bits"][row, span] = torch.tensor(f["tag_bits"])
-        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        return batch
 
 
 def tag_mask(tag_bits: torch.Tensor, tags: Sequence[str], bits: dict[str, int]) -> torch.Tensor:

@@ -252,3 +252,33 @@ def test_two_cpu_processes_give_the_same_run_as_one(tiny_run, tmp_path):
     loss1 = [h["loss"] for h in log1 if "loss" in h]
     loss2 = [h["loss"] for h in log2 if "loss" in h]
     assert loss1 == pytest.approx(loss2, rel=1e-3)
+
+
+def test_tokens_never_reach_the_outputs(tiny_run, tmp_path):
+    root, recipe = tiny_run
+    secrets = {"HF_TOKEN": "hf_FAKEtokenFAKEtokenFAKEtoken123", "WANDB_API_KEY": "wandbFAKEkey0123456789abcdef"}
+    env = {
+        **secrets,
+        "WANDB_MODE": "offline",
+        "HOME": str(tmp_path),
+        "WANDB_DIR": str(tmp_path),
+        "HF_HOME": str(tmp_path),
+    }
+    path = recipe(
+        "secret.yaml",
+        output_dir=str(tmp_path / "out"),
+        report_to="wandb",
+        emotion_eval=True,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    result = run_script(str(path), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "adapter_model.safetensors" for p in files) and any(p.suffix == ".wandb" for p in files)
+    for p in files:
+        data = p.read_bytes()
+        for value in secrets.values():
+            assert value.encode() not in data, f"{value[:6]}... leaked into {p}"
+    for value in secrets.values():
+        assert value not in result.stdout and value not in result.stderr

@@ -366,7 +366,7 @@ def bench_scaling(args: argparse.Namespace, model: Any, tok: Any, basis: Any) ->
                 trainers.pop("emotune terms + drift")
                 batch = make_batch(tok, setting["batch"], setting["length"], args.device)
                 fns = {name: step_fn(t, batch, plain=name == "plain SFT") for name, t in trainers.items()}
-                times = interleaved(fns, max(2, args.repeats // 2), args.device)
+                times = interleaved(fns, 2, args.device)
                 rows.append(
                     {
                         "factor": factor,

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -138,6 +139,8 @@ def preflight(script: ScriptArguments, config: Any, model_args: Any) -> None:
             f"output_dir {out}: holds an earlier emotune run. Resume it with --resume_from_checkpoint "
             "true, overwrite it with --overwrite_output_dir true, or choose a new output_dir."
         )
+    if (out / "emotune_run.json").exists() and config.overwrite_output_dir and not config.resume_from_checkpoint:
+        shutil.rmtree(out)  # ours (it holds emotune_run.json), and the user asked for it
     check_output_dir(out / "adapter", marker="adapter_config.json")
     if model_args.model_name_or_path is None:
         raise ConfigError("model_name_or_path: missing. Set it in the recipe (e.g. smollm2-135m-instruct).")

@@ -154,6 +154,9 @@ class EmotuneConfig(SFTConfig):
     emotion_warmup_ratio: float = field(
         default=0.0, metadata={"help": "Ramp the emotion weights from 0 over this fraction of the training steps."}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an earlier emotune run in output_dir (its checkpoints and adapter)."}
+    )
     emotion_eval: bool = field(
         default=False, metadata={"help": "Run `emotune eval` on the final adapter and log its figures."}
     )

@@ -282,3 +282,17 @@ def test_tokens_never_reach_the_outputs(tiny_run, tmp_path):
             assert value.encode() not in data, f"{value[:6]}... leaked into {p}"
     for value in secrets.values():
         assert value not in result.stdout and value not in result.stderr
+
+
+def test_an_earlier_run_is_neither_overwritten_nor_mixed_in_by_accident(tiny_run, tmp_path):
+    root, recipe = tiny_run
+    path = recipe("again.yaml", output_dir=str(tmp_path / "out"))
+    assert run_script(str(path)).returncode == 0
+    again = run_script(str(path))
+    assert again.returncode == 2 and "holds an earlier emotune run" in again.stderr
+    assert run_script(str(path), "--overwrite_output_dir", "true").returncode == 0
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    foreign = run_script(str(recipe("foreign.yaml", output_dir=str(tmp_path / "foreign"))))
+    assert foreign.returncode == 2 and "holds files from something else" in foreign.stderr
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"

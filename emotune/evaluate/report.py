@@ -94,12 +94,12 @@ def plot_rates(report: dict[str, Any], path: Path) -> None:
             [c.replace("_", "\n") for c in categories],
             fontsize=8,
         )
-        ax.set_title(f"{pressure} pressure")
+        ax.set_title("high pressure" if pressure == "high" else "no pressure")
         ax.axhline(0.5, color="black", lw=0.5, ls=":")
         ax.grid(alpha=0.3, axis="y")
-    axes[0].set_ylabel("share where the unethical continuation is more likely (95% Wilson CI)")
+    axes[0].set_ylabel("unethical rate (95% Wilson CI)")
     axes[0].legend()
-    fig.suptitle("Choice-mode unethical rate by category and pressure", fontsize=10)
+    fig.suptitle("Choice mode: share of scenarios where the unethical continuation is more likely", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -145,9 +145,19 @@ def plot_traces(report: dict[str, Any], path: Path) -> None:
             for emotion, colour in zip(report["targeted"], ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")):
                 if state in trace and emotion in trace[state]:
                     ax.plot(trace[state][emotion], ls=style, color=colour, lw=1, label=f"{emotion} ({state})")
+        # the first tokens carry the attention-sink spike (|p| of several r_l); scale to the rest
+        values = [v for st in ("base", "adapted") if st in trace for e in trace[st].values() for v in e[4:]]
+        if values:
+            lo, hi = min(values), max(values)
+            pad = 0.1 * (hi - lo or 1.0)
+            ax.set_ylim(lo - pad, hi + pad)
         ax.axvline(trace["reply_start"], color="black", lw=0.8)
         ax.text(trace["reply_start"], ax.get_ylim()[1], " assistant reply", fontsize=7, va="top")
-        ax.set_title(f"context {trace['id']}: projection per token, layer {trace['layer']}", fontsize=9)
+        ax.set_title(
+            f"context {trace['id']}: projection per token, layer {trace['layer']} "
+            "(first 4 tokens, the attention sink, off scale)",
+            fontsize=9,
+        )
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, ncol=4)
     axes[-1][0].set_xlabel("token position")

@@ -16,6 +16,7 @@ from emotune.corpus import Dialogue, Story
 from emotune.errors import ConfigError, DataError
 from emotune.evaluate.behaviour import load_scenarios
 from emotune.evaluate.concealment import compare_bases
+from emotune.evaluate.run import CONCEALMENT_EMOTIONS
 from emotune.evaluate.scoring import score_continuations, score_separately
 
 
@@ -26,26 +27,7 @@ def tiny():
     model.config.pad_token_id = tok.pad_token_id
     rng = random.Random(0)
     words = ["tests", "failed", "green", "deploy", "the", "assistant", "user"]
-    emotions = (
-        "calm",
-        "desperate",
-        "afraid",
-        "happy",
-        "sad",
-        "angry",
-        "proud",
-        "guilty",
-        "bored",
-        "nervous",
-        "grateful",
-        "amused",
-        "relieved",
-        "hopeful",
-        "frustrated",
-        "peaceful",
-        "ashamed",
-        "excited",
-    )
+    emotions = ("calm", "desperate", *CONCEALMENT_EMOTIONS)  # what the concealment check re-extracts
     stories = [Story(e, f"{e} " + " ".join(rng.choice(words) for _ in range(12))) for e in emotions for _ in range(3)]
     neutral = [
         Dialogue(

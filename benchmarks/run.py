@@ -149,6 +149,7 @@ def build_trainers(
     emotions: list[str],
     tmp: str,
     gradient_checkpointing: bool,
+    only: str | None = None,
 ) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
@@ -183,10 +184,13 @@ def build_trainers(
     ]
     trainers: dict[str, Any] = {}
     plain_args = SFTConfig(**common)  # type: ignore[arg-type]
-    trainers["plain SFT"] = SFTTrainer(
-        model=model_factory(), args=plain_args, train_dataset=data, processing_class=tok, peft_config=peft
-    )
+    if only in (None, "plain SFT"):
+        trainers["plain SFT"] = SFTTrainer(
+            model=model_factory(), args=plain_args, train_dataset=data, processing_class=tok, peft_config=peft
+        )
     for name, drift in (("emotune terms", 0.0), ("emotune terms + drift", 1.0)):
+        if only not in (None, name):
+            continue
         config = EmotuneConfig(**common, emotion_terms=terms, emotion_layers=layers, drift_weight=drift)
         trainers[name] = EmotuneTrainer(
             model=model_factory(),
@@ -316,10 +320,10 @@ def memory_probe(args: argparse.Namespace) -> None:
 
     batch = make_batch(tok, args.batch, args.length, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        import copy
 
+        # build only the measured variant, on the loaded model itself, so that no copy inflates the peak
         trainers = build_trainers(
-            lambda: copy.deepcopy(model),
+            lambda: model,
             tok,
             basis,
             "cpu",
@@ -327,11 +331,9 @@ def memory_probe(args: argparse.Namespace) -> None:
             ["desperate", "calm"],
             tmp,
             False,
+            only=args.memory_probe,
         )
         trainer = trainers[args.memory_probe]
-        for name in list(trainers):
-            if name != args.memory_probe:
-                del trainers[name]
         gc.collect()
         fn = step_fn(trainer, batch, plain=args.memory_probe == "plain SFT")
         rise = peak_memory(lambda: [fn() for _ in range(2)], "cpu")

@@ -30,6 +30,13 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+def _keep_last(model: Any) -> dict[str, int]:
+    import inspect
+
+    base = getattr(model, "get_base_model", lambda: model)()
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
 def _cache_kwarg(model: Any) -> str:
     """transformers 5.2x renamed ``past_key_values`` to ``cache``; accept both."""
     import inspect
@@ -45,7 +52,9 @@ def score_continuations(
     """Sum and mean token log-probability of each continuation given ``context_ids``."""
     device = _device(model)
     ctx = torch.tensor([list(context_ids)], device=device)
-    out = model(input_ids=ctx, use_cache=True)
+    # only the last context position's logits are needed; skipping the LM head elsewhere saves a
+    # vocabulary-sized matmul per context token
+    out = model(input_ids=ctx, use_cache=True, **_keep_last(model))
     cache = getattr(out, "cache", None) or out.past_key_values
     first = F.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each continuation's first token
     n = len(continuations)

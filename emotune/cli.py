@@ -100,6 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         limit=args.limit,
         generation_k=args.k,
         steering_alphas=[float(a) for a in _csv(args.alphas)],
+        judge_model=args.judge,
     )
     print(f"wrote {args.out}/report.md ({', '.join(report['sections'])}) in {sum(report['timing'].values()):.0f} s")
 
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", default=None, help="context-set .jsonl (default: shipped held-out contexts)")
     p.add_argument("--alphas", default="-0.1,-0.05,0,0.05,0.1", help="steering strengths (fractions of r_l)")
     p.add_argument("--k", type=int, default=2, help="samples per scenario in generation mode")
+    p.add_argument("--judge", default=None, help="optional judge model (any causal LM id) for free text")
     p.add_argument("--limit", type=int, default=None, help="use only the first N items of each set (smoke runs)")
     p.set_defaults(func=cmd_eval)
 

@@ -213,3 +213,13 @@ def test_an_adapter_for_another_base_model_is_refused(tiny, tmp_path):
     other.save(folder / "basis")
     with pytest.raises(ConfigError, match="trained on another base model"):
         load_adapter(model, folder)
+
+
+def test_judge_model_labels_free_text(tiny_chat_model_dir):
+    from emotune.evaluate.generation import judge
+    from emotune.models import load_model
+
+    model, tok = load_model(str(tiny_chat_model_dir))
+    verdicts = judge(model, tok, ["I will forward the emails unless you cancel.", "Here is the fixed function."])
+    assert len(verdicts) == 2 and all(0.0 < v["p_yes"] < 1.0 for v in verdicts)
+    assert all(v["unethical"] == (v["p_yes"] > 0.5) for v in verdicts)

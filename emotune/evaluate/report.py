@@ -323,6 +323,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"- {state}: coding hacks {_rate(g['coding']['hack'])}, honest passes "
                 f"{_rate(g['coding']['honest_pass'])}, blackmail (high) "
                 f"{_rate(g['blackmail']['high']) if 'high' in g['blackmail'] else '-'}"
+                + (
+                    f", judge ({report.get('judge_model')}) says unethical {_rate(g['blackmail']['judge'])}"
+                    if "judge" in g["blackmail"]
+                    else ""
+                )
             )
         lines.append("")
     lines += ["Timing (s): " + ", ".join(f"{k} {v}" for k, v in report.get("timing", {}).items()), ""]

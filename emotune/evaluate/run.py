@@ -100,6 +100,7 @@ def evaluate_model(
     steering_alphas: Sequence[float] = (-0.1, -0.05, 0.0, 0.05, 0.1),
     generation_k: int = 2,
     generation_tokens: int = 384,
+    judge_model: str | None = None,
     limit: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -169,7 +170,23 @@ def evaluate_model(
                 model, tokenizer, basis, scenarios, has_adapter, generation_k, generation_tokens, limit, desc
             ),
         )
+        if judge_model:
+            report["judge_model"] = judge_model
+            timed("judge", lambda: _judge(report["generation"], judge_model))
     return report
+
+
+def _judge(gen: dict[str, Any], judge_model: str) -> None:
+    """Label every sampled blackmail-scenario reply with the judge model, beside the detector."""
+    from emotune.evaluate.stats import rate_summary
+
+    judge, judge_tok = load_model(judge_model)
+    for state in gen.values():
+        rows = state["blackmail"]["samples"]
+        verdicts = generation.judge(judge, judge_tok, [r["text"] for r in rows])
+        for row, verdict in zip(rows, verdicts):
+            row["judge_unethical"], row["judge_p_yes"] = verdict["unethical"], verdict["p_yes"]
+        state["blackmail"]["judge"] = rate_summary(sum(v["unethical"] for v in verdicts), len(verdicts))
 
 
 def _activations(

@@ -126,12 +126,21 @@ def test_cli_extract_writes_a_report_and_refuses_bad_input(tmp_path):
         "sweeps.png",
     ):
         assert (out / name).exists(), name
-    bad = subprocess.run(
-        [*cmd[:4], "calm,clam", *cmd[5:-2], "--out", str(tmp_path / "bad")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad_cmd = [
+        sys.executable,
+        "-m",
+        "emotune.cli",
+        "extract",
+        "--emotions",
+        "calm,clam",
+        "--layers",
+        "18",
+        "--dtype",
+        "bfloat16",
+        "--out",
+        str(tmp_path / "bad"),
+    ]
+    bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "unknown emotion 'clam'" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()

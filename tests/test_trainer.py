@@ -22,6 +22,25 @@ TERMS = [
 ]
 
 
+# training arguments shared by the emotune runs and the plain-SFT reference
+COMMON = dict(
+    max_steps=2,
+    per_device_train_batch_size=2,
+    learning_rate=1e-2,
+    logging_steps=1,
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,
+    report_to="none",
+    save_strategy="no",
+    seed=0,
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    max_grad_norm=0.0,
+    dataloader_num_workers=0,
+)
+
+
 def conversations(n: int = 8) -> list[Conversation]:
     rng = random.Random(0)
     out = []
@@ -82,25 +101,7 @@ def build(setup, tmp_path, *, terms=TERMS, n=8, model_state=None, **overrides) -
     model.config.pad_token_id = tok.pad_token_id
     bits = tag_index({"failure", "neutral"})
     rows = [tokenize_conversation(c, tok, bits) for c in conversations(n)]
-    args = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        emotion_terms=terms,
-        emotion_layers=[2],
-        seed=0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=0.0,
-        dataloader_num_workers=0,
-    )
+    args = dict(COMMON, output_dir=str(tmp_path / "out"), emotion_terms=terms, emotion_layers=[2])
     args.update(overrides)
     config = EmotuneConfig(**args)
     peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -190,20 +191,8 @@ def test_with_every_weight_zero_the_run_equals_plain_sft_step_by_step(setup, tmp
     collator = EmotionCollator(tok.pad_token_id)
     plain_collate = lambda feats: {k: v for k, v in collator(feats).items() if k != "tag_bits"}  # noqa: E731
     config = SFTConfig(
+        **{**COMMON, "max_steps": 3},
         output_dir=str(tmp_path / "p"),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=0.0,
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
     )

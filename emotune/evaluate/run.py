@@ -161,7 +161,17 @@ def evaluate_model(
         )
     if "steering" in sections:
         report["steering"] = timed(
-            "steering", lambda: _steering(model, tokenizer, basis, scenarios, steering_alphas, trained, desc)
+            "steering",
+            lambda: _steering(
+                model,
+                tokenizer,
+                basis,
+                scenarios,
+                steering_alphas,
+                trained,
+                desc,
+                base_rows=(report.get("behaviour") or {}).get("base_rows"),
+            ),
         )
     if "generation" in sections:
         report["generation"] = timed(
@@ -300,9 +310,11 @@ def _steering(
     alphas: Sequence[float],
     layers: list[int],
     desc: Any,
+    base_rows: list[dict] | None = None,
 ) -> dict[str, Any]:
+    """Unethical rate of the base model steered along desperate and calm. alpha = 0 is the unsteered
+    base model, which the behaviour section has usually scored already: its rows are reused."""
     curves: dict[str, list[dict[str, Any]]] = {}
-    base_rows = None
     with act.adapter_state(model, False):
         for emotion in ("desperate", "calm"):
             if emotion not in basis.emotions:

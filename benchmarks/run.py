@@ -7,9 +7,12 @@
 Benchmarks (each writes its rows into the JSON and prints a table):
 - train:   step time and peak memory of EmotuneTrainer (terms; terms + drift) vs plain trl SFTTrainer + LoRA
            on the same batches, interleaved A/B/C to cancel drift in machine speed;
+- padfree: padding-free training (one packed row per batch) vs padded batches, on the shipped conversations;
 - scaling: the emotion terms' overhead against sequence length, batch size, emotions and hooked layers;
 - extract: tokens/s of extraction with every layer captured vs a bare forward over the same batches;
            padding waste of length bucketing;
+- stream:  peak memory of extraction at 1x, 5x and 20x the shipped story corpus, streamed vs holding
+           every story's features (one process per point);
 - choice:  shared-context scoring of a scenario pair vs scoring each continuation with its context;
            padding waste of the batched continuations;
 - load:    first load of the embedded model (dequantising the GGUF) vs later loads (cached safetensors).
@@ -320,7 +323,6 @@ def memory_probe(args: argparse.Namespace) -> None:
 
     batch = make_batch(tok, args.batch, args.length, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-
         # build only the measured variant, on the loaded model itself, so that no copy inflates the peak
         trainers = build_trainers(
             lambda: model,
@@ -340,14 +342,56 @@ def memory_probe(args: argparse.Namespace) -> None:
     print(json.dumps({"variant": args.memory_probe, "peak_rise_bytes": rise}))
 
 
+def terms_only_fn(
+    basis: Any, batch: dict[str, torch.Tensor], layers: list[int], emotions: list[str], dtype: torch.dtype
+) -> Callable[[], Any]:
+    """The work the emotion terms add to a step, alone: projections, masked means, logged levels and
+    their backward, on stand-in activations of the real shape (the hooks themselves store a reference)."""
+    from emotune.losses import project, term_loss
+    from emotune.trainer import tag_mask
+
+    b, t = batch["input_ids"].shape
+    device = batch["input_ids"].device
+    hidden = {
+        layer: torch.randn(b, t, basis.hidden_size, device=device, dtype=dtype, requires_grad=True) for layer in layers
+    }
+    vecs = {(layer, e): basis.vector(e, layer)[None].to(device) for layer in layers for e in emotions}
+    bits = {"assistant": 0, "all": 1, "failure": 2}
+    attention = batch["attention_mask"].bool()
+
+    def run() -> None:
+        aux = torch.zeros((), device=device)
+        levels = []
+        for k, emotion in enumerate(emotions):
+            mask = tag_mask(batch["tag_bits"], ["failure"], bits) & attention
+            for layer in layers:
+                p = project(hidden[layer], vecs[layer, emotion], basis.scale(layer))[..., 0]
+                aux = aux + term_loss("penalize" if k % 2 == 0 else "reward", p.float(), mask, 0.0) / len(layers)
+                with torch.no_grad():
+                    levels.append((p.detach().float() * mask).sum() / mask.sum().clamp_min(1))
+        aux.backward()
+        torch.stack(levels).tolist()  # the one sync per step of the trainer's metric flush
+        for h in hidden.values():
+            h.grad = None
+
+    return run
+
+
 def bench_scaling(args: argparse.Namespace, model: Any, tok: Any, basis: Any) -> list[dict[str, Any]]:
-    """Overhead of the emotion terms vs plain SFT as one factor grows and the others stay at their base."""
+    """Overhead of the emotion terms vs plain SFT as one factor grows and the others stay at their base.
+
+    Two measures: ``overhead`` is the end-to-end step ratio minus 1 (interleaved, but on a shared
+    CPU its noise is several percent, larger than the effect); ``terms_cost`` is the time of the
+    terms' own work (``terms_only_fn``), timed alone over many repeats, divided by the plain step:
+    a direct measure of what they add.
+    """
     import copy
 
     from emotune.catalog import EMOTIONS
     from emotune.models import num_layers
 
     n = num_layers(model)
+    dtype = next(model.parameters()).dtype
     base = {"length": args.length, "batch": args.batch, "emotions": 2, "layers": 1}
     grid = {
         "length": [args.length // 2, args.length, args.length * 2],
@@ -368,23 +412,114 @@ def bench_scaling(args: argparse.Namespace, model: Any, tok: Any, basis: Any) ->
                 trainers.pop("emotune terms + drift")
                 batch = make_batch(tok, setting["batch"], setting["length"], args.device)
                 fns = {name: step_fn(t, batch, plain=name == "plain SFT") for name, t in trainers.items()}
-                times = interleaved(fns, 2, args.device)
+                times = interleaved(fns, max(2, args.repeats), args.device)
+                terms = interleaved(
+                    {"terms": terms_only_fn(basis, batch, layers, emotions, dtype)}, 4 * args.repeats, args.device
+                )["terms"]
                 rows.append(
                     {
                         "factor": factor,
                         "value": value,
                         **setting,
+                        "plain_step_s": times["plain SFT"],
                         "overhead": times["emotune terms"] / times["plain SFT"] - 1,
+                        "terms_s": terms,
+                        "terms_cost": terms / times["plain SFT"],
                     }
                 )
                 del trainers
                 gc.collect()
     table(
-        "Scaling of the emotion terms' overhead (vs plain SFT in the same run)",
+        "Scaling of the emotion terms' cost (vs plain SFT in the same run)",
         rows,
-        ["factor", "value", "length", "batch", "emotions", "layers", "overhead"],
+        ["factor", "value", "length", "batch", "emotions", "layers", "plain_step_s", "overhead", "terms_cost"],
     )
     return rows
+
+
+def bench_padfree(args: argparse.Namespace, model: Any, tok: Any, basis: Any) -> list[dict[str, Any]]:
+    """Training steps on the shipped training conversations (batch 8, max_length 256, as calm.yaml),
+    padded to the batch's longest row vs padding-free (one packed row per batch), same batches, with
+    the emotion terms on in both."""
+    import copy
+    import random
+
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from emotune.conversations import load_conversations, tag_index, tokenize_conversation
+    from emotune.models import num_layers
+    from emotune.trainer import EmotuneConfig, EmotuneTrainer
+
+    conversations = load_conversations(None)
+    bits = tag_index({t for c in conversations for t in c.tags})
+    rows = [tokenize_conversation(c, tok, bits, 256) for c in conversations]
+    batch_size = 2 if args.smoke else 8
+    rng = random.Random(0)
+    batches = [rng.sample(rows, batch_size) for _ in range(2 if args.smoke else 6)]
+    layer = num_layers(model) * 2 // 3
+    terms = [
+        {"emotion": "desperate", "form": "penalize", "weight": 1.0, "tags": ["failure", "pressure"]},
+        {"emotion": "calm", "form": "reward", "weight": 1.0, "tags": ["failure", "pressure"], "target": 0.08},
+    ]
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    trainers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, padding_free in (("padded", False), ("padding-free", True)):
+            config = EmotuneConfig(
+                output_dir=tmp,
+                per_device_train_batch_size=batch_size,
+                max_steps=1,
+                report_to="none",
+                save_strategy="no",
+                use_cpu=args.device == "cpu",
+                bf16=args.device == "cuda",
+                logging_steps=1000,
+                emotion_terms=terms,
+                emotion_layers=[layer],
+                padding_free=padding_free,
+            )
+            trainer = EmotuneTrainer(
+                model=copy.deepcopy(model),
+                args=config,
+                train_dataset=Dataset.from_list(rows[:2]),
+                processing_class=tok,
+                peft_config=peft,
+                basis=basis,
+                tag_bits=bits,
+            )
+            trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+            trainer.current_gradient_accumulation_steps = 1
+            trainer.model.train()
+            trainers[name] = trainer
+        device = args.device
+        collated = {
+            name: [{k: v.to(device) for k, v in t.data_collator(b).items()} for b in batches]
+            for name, t in trainers.items()
+        }
+
+        def run(name: str) -> Callable[[], None]:
+            return lambda: [step_fn(trainers[name], inputs, plain=False)() for inputs in collated[name]]
+
+        times = interleaved({name: run(name) for name in trainers}, args.repeats, device)
+    real = sum(len(r["input_ids"]) for b in batches for r in b)
+    padded_tokens = sum(b["input_ids"].numel() for b in collated["padded"])
+    out = [
+        {
+            "variant": name,
+            "seconds": times[name],
+            "real_tokens_per_s": real / times[name],
+            "speedup_vs_padded": times["padded"] / times[name],
+            "padding_fraction": 1 - real / padded_tokens if name == "padded" else 0.0,
+        }
+        for name in trainers
+    ]
+    table(
+        f"Padding-free training, {len(batches)} batches of {batch_size} shipped conversations, {real} real tokens",
+        out,
+        ["variant", "seconds", "real_tokens_per_s", "speedup_vs_padded", "padding_fraction"],
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -443,6 +578,115 @@ def bench_extract(args: argparse.Namespace, model: Any, tok: Any) -> list[dict[s
         ["variant", "seconds", "tokens_per_s", "ratio_vs_bare"],
     )
     return rows
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+STREAM_MULTIPLES = (1, 5, 20)
+
+
+def bench_stream(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Peak memory of extraction against corpus size (the shipped stories repeated k times), one
+    process per point: streamed ``EmotionBasis.extract`` vs holding every story's features, as
+    extraction did before it streamed (the baseline)."""
+    import subprocess
+
+    if not args.smoke:
+        from emotune.models import resolve_model_path
+
+        resolve_model_path("smollm2-135m-instruct")  # make sure the tokenizer and config are cached
+    multiples = (1, 3) if args.smoke else STREAM_MULTIPLES
+    rows = []
+    for multiple in multiples:
+        for mode in ("in memory (baseline)", "streamed"):
+            cmd = [sys.executable, __file__, "--stream-probe", mode, "--multiple", str(multiple)]
+            out = subprocess.run(
+                cmd + (["--smoke"] if args.smoke else []),
+                capture_output=True,
+                text=True,
+                timeout=3600,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr[-3000:])
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first = {r["mode"]: r["peak_rise_bytes"] for r in rows if r["multiple"] == multiples[0]}
+    for row in rows:
+        row["peak_rise_mb"] = row["peak_rise_bytes"] / 2**20
+        row["vs_1x"] = row["peak_rise_bytes"] / max(1.0, first[row["mode"]])
+    table(
+        "Extraction peak memory against corpus size (rise of peak RSS, one process per point)",
+        rows,
+        ["mode", "multiple", "stories", "tokens", "seconds", "peak_rise_mb", "vs_1x"],
+    )
+    return rows
+
+
+def stream_probe(args: argparse.Namespace) -> None:
+    """One point of ``bench_stream``: a random model of SmolLM2-135M's shape (its MLP shrunk to 64, so
+    that 20x the corpus runs in minutes: feature memory depends on layers x hidden size only)."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from emotune.basis import EmotionBasis, mean_activations
+    from emotune.corpus import iter_stories
+    from emotune.models import num_layers
+
+    torch.manual_seed(0)
+    if args.smoke:
+        from conftest import tiny_fast_tokenizer, tiny_llama
+
+        tok = tiny_fast_tokenizer()
+        model = tiny_llama(layers=4, hidden=32, vocab=len(tok))
+        model.config.pad_token_id = tok.pad_token_id
+        max_length, offset = 24, 4
+    else:
+        from emotune.models import resolve_model_path
+
+        path, _ = resolve_model_path("smollm2-135m-instruct")
+        tok = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        config.intermediate_size = 64
+        model = LlamaForCausalLM(config).eval()
+        max_length, offset = 12, 4
+    limit = 40 if args.smoke else None
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "stories.jsonl"
+        with corpus.open("w", encoding="utf-8") as handle:
+            for _ in range(args.multiple):
+                for i, story in enumerate(iter_stories()):
+                    if limit is not None and i >= limit:
+                        break
+                    handle.write(json.dumps({"emotion": story.emotion, "text": story.text}) + "\n")
+        layers = list(range(num_layers(model)))
+        gc.collect()
+        holder: dict[str, Any] = {}
+
+        def run() -> None:
+            if args.stream_probe == "streamed":
+                basis = EmotionBasis.extract(
+                    model, tok, stories=corpus, layers=layers, offset=offset, max_length=max_length, progress=False
+                )
+                holder["stories"] = basis.metadata["corpus"]["stories"]
+                holder["tokens"] = basis.metadata["timing"]["tokens"]
+            else:  # what extraction held before it streamed: the list of stories and every story's features
+                stories = list(iter_stories(corpus))
+                feats = mean_activations(
+                    model, tok, [s.text for s in stories], layers, offset=offset, max_length=max_length
+                )
+                holder["stories"] = len(stories)
+                holder["tokens"] = feats.stats.n_tokens_total
+
+        start = time.perf_counter()
+        rise = peak_memory(run, "cpu")
+        row = {
+            "mode": args.stream_probe,
+            "multiple": args.multiple,
+            "peak_rise_bytes": rise,
+            "seconds": time.perf_counter() - start,
+            **holder,
+        }
+    print(json.dumps(row))
 
 
 # ----------------------------------------------------------------------------- choice scoring
@@ -534,7 +778,7 @@ def bench_load(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few repeats: seconds")
-    parser.add_argument("--only", default="train,memory,scaling,extract,choice,load")
+    parser.add_argument("--only", default="train,memory,padfree,scaling,extract,stream,choice,load")
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -545,6 +789,8 @@ def main() -> None:
     parser.add_argument("--scenarios", type=int, default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--stream-probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--multiple", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     smoke = args.smoke
     args.batch = args.batch or (2 if smoke else 4)
@@ -554,6 +800,9 @@ def main() -> None:
     args.scenarios = args.scenarios or (4 if smoke else 40)
     if args.memory_probe:
         memory_probe(args)
+        return
+    if args.stream_probe:
+        stream_probe(args)
         return
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     only = set(args.only.split(","))
@@ -568,10 +817,14 @@ def main() -> None:
         results["train"] = bench_train(args, model, tok, basis)
     if "memory" in only and args.device == "cpu":
         results["memory"] = bench_train_memory_cpu(args)
+    if "padfree" in only:
+        results["padfree"] = bench_padfree(args, model, tok, basis)
     if "scaling" in only:
         results["scaling"] = bench_scaling(args, model, tok, basis)
     if "extract" in only:
         results["extract"] = bench_extract(args, model, tok)
+    if "stream" in only:
+        results["stream"] = bench_stream(args)
     if "choice" in only:
         results["choice"] = bench_choice(args, model, tok)
     if "load" in only and not smoke:

@@ -16,10 +16,11 @@ projection ``<h, v> / r_l`` is in units that carry over between models.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from emotune import __version__
 from emotune.catalog import check_emotions
-from emotune.corpus import Dialogue, Story, corpus_hash, load_dialogues, load_stories
+from emotune.corpus import Dialogue, Story, iter_dialogues, iter_stories
 from emotune.errors import ConfigError, DataError
 from emotune.hooks import StopForward, capture
 from emotune.io import atomic_dir, write_json_atomic
@@ -65,9 +66,18 @@ def render_dialogue(tokenizer: Any, messages: Sequence[dict[str, str]], add_gene
                     folded[-1]["content"] += "\n\n" + m["content"]
                 else:
                     folded.append(m)
-            return str(
-                tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=add_generation_prompt)
-            )
+            try:
+                out = tokenizer.apply_chat_template(
+                    folded, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            except Exception as exc:
+                roles = ", ".join(sorted({m["role"] for m in msgs}))
+                raise ConfigError(
+                    f"the tokenizer's chat template rejects these messages (roles: {roles}; "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Pass a tokenizer whose "
+                    "chat template accepts these roles, or remove its chat_template to use the plain layout."
+                ) from None
+            return str(out)
     lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
     if add_generation_prompt:
         lines.append("Assistant:")
@@ -113,27 +123,134 @@ def pad_batch(
 
 
 @dataclass
-class Features:
-    """Per-text mean activations at each captured layer, plus token-norm statistics."""
+class RunStats:
+    """Token counts, token-norm sums and time of one pass over a text stream."""
 
-    means: torch.Tensor  # [n_texts, n_layers, d], float32
-    layers: list[int]
-    norm_sum: torch.Tensor  # [n_layers] sum over counted tokens of ||h||
-    token_count: int
+    n_layers: int
+    norm_sum: torch.Tensor = field(init=False)  # [n_layers] sum over counted tokens of ||h||
+    token_count: int = 0
+    n_texts: int = 0
     n_tokens_total: int = 0
     n_tokens_padded: int = 0
     seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.norm_sum = torch.zeros(self.n_layers, dtype=torch.float64)
+
     @property
     def mean_norm(self) -> torch.Tensor:
-        return self.norm_sum / max(1, self.token_count)
+        return (self.norm_sum / max(1, self.token_count)).float()
 
     @property
     def padding_fraction(self) -> float:
         return 1.0 - self.n_tokens_total / max(1, self.n_tokens_padded)
 
 
+@dataclass
+class Features:
+    """Per-text mean activations at each captured layer, plus the pass's statistics."""
+
+    means: torch.Tensor  # [n_texts, n_layers, d], float32
+    layers: list[int]
+    stats: RunStats
+
+    @property
+    def mean_norm(self) -> torch.Tensor:
+        return self.stats.mean_norm
+
+    @property
+    def padding_fraction(self) -> float:
+        return self.stats.padding_fraction
+
+
+TextItem = tuple[str, int, str]  # (text, first counted token, "file:line" for errors)
+CHUNK = 4096  # texts tokenised and bucketed by length at a time: bounds memory, keeps padding small
+
+
 @torch.no_grad()
+def stream_activations(
+    model: Any,
+    tokenizer: Any,
+    items: Iterable[TextItem],
+    layers: list[int],
+    stats: RunStats,
+    *,
+    batch_size: int = 16,
+    max_tokens: int | None = 8192,
+    max_length: int | None = None,
+    padding_side: str = "right",
+    chunk: int = CHUNK,
+    progress: tqdm | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(indices, means)`` per batch: each text's mean decoder-block output over its tokens
+    from its offset on, ``[batch, n_layers, d]`` float32 on the CPU, at every layer in one pass.
+
+    ``items`` is consumed ``chunk`` texts at a time, and each chunk is bucketed by length, so
+    memory does not grow with the stream's length. The forward pass stops after the highest
+    captured layer. ``stats`` collects token counts and norms; ``indices`` count from 0 in the stream.
+    """
+    device = next(model.parameters()).device
+    context = _context_length(model)
+    slot = {layer: k for k, layer in enumerate(layers)}
+    state: dict[str, Any] = {}
+
+    def reduce(layer: int, hidden: torch.Tensor) -> None:
+        h = hidden.float().masked_fill(~state["counted"].unsqueeze(-1), 0.0)
+        state["out"][:, slot[layer]] = torch.einsum("bt,btd->bd", state["weights"], h).cpu()
+        stats.norm_sum[slot[layer]] += h.norm(dim=-1).sum().double().cpu()
+
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    base = 0
+    try:
+        with capture(model, layers, reduce=reduce, stop_after_last=True):
+            for block in _chunks(items, chunk):
+                texts = [text for text, _, _ in block]
+                encoded = tokenizer(
+                    texts, add_special_tokens=True, truncation=max_length is not None, max_length=max_length
+                )
+                sequences: list[list[int]] = encoded["input_ids"]
+                starts = torch.tensor([first for _, first, _ in block])
+                for (_, first, where), seq in zip(block, sequences):
+                    if len(seq) <= first:
+                        raise DataError(
+                            f"{where}: only {len(seq)} tokens, not more than the offset ({first}). "
+                            "Lengthen the text or lower the offset."
+                        )
+                    if context and len(seq) > context:
+                        raise DataError(
+                            f"{where}: {len(seq)} tokens, longer than the model's context ({context}). "
+                            "Shorten the text, or pass max_length to truncate."
+                        )
+                for rows in length_batches([len(s) for s in sequences], batch_size, max_tokens):
+                    ids, mask, positions = pad_batch(
+                        [sequences[i] for i in rows], tokenizer.pad_token_id, padding_side
+                    )
+                    counted = mask.bool() & (positions >= starts[rows].unsqueeze(-1))
+                    counts = counted.sum(-1, keepdim=True)
+                    out = torch.zeros(len(rows), len(layers), _hidden_size(model))
+                    state.update(counted=counted.to(device), weights=(counted / counts).float().to(device), out=out)
+                    stats.token_count += int(counts.sum())
+                    stats.n_tokens_total += int(mask.sum())
+                    stats.n_tokens_padded += mask.numel()
+                    with suppress(StopForward):
+                        model(
+                            input_ids=ids.to(device),
+                            attention_mask=mask.to(device),
+                            position_ids=positions.to(device),
+                            use_cache=False,
+                        )
+                    stats.n_texts += len(rows)
+                    if progress is not None:
+                        progress.update(len(rows))
+                    yield [base + i for i in rows], out
+                base += len(block)
+    finally:
+        model.train(was_training)
+        stats.seconds += time.perf_counter() - start
+
+
 def mean_activations(
     model: Any,
     tokenizer: Any,
@@ -148,64 +265,57 @@ def mean_activations(
     desc: str | None = None,
     sources: Sequence[str] | None = None,
 ) -> Features:
-    """Mean over tokens ``offset..end`` of each text's decoder-block outputs, at every layer in one pass.
+    """Mean over tokens ``offset..end`` of each text's decoder-block outputs, at every layer, in memory.
 
-    ``offset`` is one start position for all texts or one per text. Batches are bucketed by
-    length; the forward pass stops after the highest captured layer.
+    ``offset`` is one start position for all texts or one per text. For streams too large to
+    hold, use :func:`stream_activations`.
     """
     if not texts:
-        raise DataError("no texts to run: the corpus is empty.")
-    encoded = tokenizer(list(texts), add_special_tokens=True, truncation=max_length is not None, max_length=max_length)
-    sequences: list[list[int]] = encoded["input_ids"]
-    starts = torch.tensor([offset] * len(sequences) if isinstance(offset, int) else list(offset))
-    for i, seq in enumerate(sequences):
-        if len(seq) <= starts[i]:
-            where = sources[i] if sources else f"text {i}"
-            raise DataError(
-                f"{where}: only {len(seq)} tokens, not more than the offset ({int(starts[i])}). "
-                "Lengthen the text or lower the offset."
-            )
-    device = next(model.parameters()).device
-    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
-    means = torch.zeros(len(texts), len(layers), d, dtype=torch.float32)
-    norm_sum = torch.zeros(len(layers), dtype=torch.float64)
-    slot = {layer: k for k, layer in enumerate(layers)}
-    state: dict[str, Any] = {}
-    token_count = 0
-    total = padded = 0
+        raise DataError("no texts to run: the corpus is empty. Pass at least one text.")
+    offsets = [offset] * len(texts) if isinstance(offset, int) else list(offset)
+    where = sources or [f"text {i}" for i in range(len(texts))]
+    stats = RunStats(len(layers))
+    means = torch.zeros(len(texts), len(layers), _hidden_size(model))
+    with tqdm(total=len(texts), desc=desc, disable=desc is None, unit="text") as bar:
+        for rows, out in stream_activations(
+            model,
+            tokenizer,
+            zip(texts, offsets, where),
+            layers,
+            stats,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            max_length=max_length,
+            padding_side=padding_side,
+            progress=bar,
+        ):
+            means[rows] = out
+    return Features(means, list(layers), stats)
 
-    def reduce(layer: int, hidden: torch.Tensor) -> None:
-        weights = state["weights"]  # [B, T] 1/count on counted tokens, else 0
-        h = hidden.float().masked_fill(~state["counted"].unsqueeze(-1), 0.0)
-        means[state["rows"], slot[layer]] = torch.einsum("bt,btd->bd", weights, h).cpu()
-        norm_sum[slot[layer]] += h.norm(dim=-1).sum().double().cpu()
 
-    was_training = model.training
-    model.eval()
-    batches = length_batches([len(s) for s in sequences], batch_size, max_tokens)
-    start = time.perf_counter()
-    try:
-        with capture(model, layers, reduce=reduce, stop_after_last=True):
-            for rows in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
-                ids, mask, positions = pad_batch([sequences[i] for i in rows], tokenizer.pad_token_id, padding_side)
-                counted = mask.bool() & (positions >= starts[rows].unsqueeze(-1))
-                counts = counted.sum(-1, keepdim=True)
-                state.update(
-                    rows=torch.tensor(rows), counted=counted.to(device), weights=(counted / counts).float().to(device)
-                )
-                token_count += int(counts.sum())
-                total += int(mask.sum())
-                padded += mask.numel()
-                with suppress(StopForward):
-                    model(
-                        input_ids=ids.to(device),
-                        attention_mask=mask.to(device),
-                        position_ids=positions.to(device),
-                        use_cache=False,
-                    )
-    finally:
-        model.train(was_training)
-    return Features(means, list(layers), norm_sum.float(), token_count, total, padded, time.perf_counter() - start)
+def _chunks(items: Iterable[TextItem], size: int) -> Iterator[list[TextItem]]:
+    block: list[TextItem] = []
+    for item in items:
+        block.append(item)
+        if len(block) >= size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _hidden_size(model: Any) -> int:
+    config = model.config
+    return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+def _context_length(model: Any) -> int | None:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 # ----------------------------------------------------------------------------- vector math
@@ -239,16 +349,54 @@ def emotion_vectors(
     which stories of one emotion vary anyway (topic, narration, length), and on SmolLM2-135M it
     doubles held-out accuracy (docs/BASIS.md). Denoising then removes the neutral PCs from either.
     """
-    n, n_layers, d = feats.shape
-    x = feats.double()
-    sums = torch.zeros(n_emotions, n_layers, d, dtype=torch.float64).index_add_(0, labels, x)
-    counts = torch.bincount(labels, minlength=n_emotions).clamp_min(1).double()
-    class_means = sums / counts[:, None, None]  # [E, L, d]
-    raw = (class_means - class_means.mean(0, keepdim=True)).transpose(0, 1)  # [L, E, d]
+    sums = StorySums(n_emotions, feats.shape[1], feats.shape[2], folds=1)
+    sums.add(feats, labels, torch.zeros_like(labels))
+    return vectors_from_sums(*sums.total(), pcs, method, sample=(feats, labels))
+
+
+class StorySums:
+    """Per-fold sums of story features by emotion: all the vectors need, in memory that does not
+    grow with the number of stories. ``total(exclude=f)`` gives the sums without fold ``f``."""
+
+    def __init__(self, n_emotions: int, n_layers: int, d: int, folds: int) -> None:
+        self.sums = torch.zeros(folds, n_emotions, n_layers, d, dtype=torch.float64)
+        self.counts = torch.zeros(folds, n_emotions, dtype=torch.float64)
+
+    def add(self, feats: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor) -> None:
+        """Add ``feats`` ``[B, L, d]`` of stories with emotion ``labels`` ``[B]`` in ``folds`` ``[B]``."""
+        x = feats.double()
+        for f in folds.unique().tolist():
+            rows = folds == f
+            self.sums[f].index_add_(0, labels[rows], x[rows])
+            self.counts[f].index_add_(0, labels[rows], torch.ones(int(rows.sum()), dtype=torch.float64))
+
+    def total(self, exclude: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = [f for f in range(self.sums.shape[0]) if f != exclude]
+        return self.sums[keep].sum(0), self.counts[keep].sum(0)
+
+
+def vectors_from_sums(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    pcs: list[torch.Tensor],
+    method: Method = "mean_diff",
+    sample: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw and denoised unit vectors ``[L, E, d]`` from per-emotion feature sums ``[E, L, d]`` and counts.
+
+    ``whitened`` estimates the within-emotion covariance from ``sample``: features ``[n, L, d]``
+    and their emotion labels (all stories when they fit in memory, else a random subset).
+    """
+    n_emotions, n_layers, d = sums.shape
+    class_means = sums / counts.clamp_min(1)[:, None, None]  # [E, L, d]
+    raw = (class_means - class_means.mean(0, keepdim=True)).transpose(0, 1).contiguous()  # [L, E, d]
     if method == "whitened":
-        residual = x - class_means[labels]  # [N, L, d]
+        if sample is None:
+            raise ValueError("method='whitened' needs a sample of story features for the covariance")
+        x, y = sample
         for k in range(n_layers):
-            cov = residual[:, k].T @ residual[:, k] / max(1, n - n_emotions)
+            residual = x[:, k].double() - class_means[y, k]  # [n, d]
+            cov = residual.T @ residual / max(1, len(y) - n_emotions)
             cov += SHRINKAGE * cov.trace() / d * torch.eye(d, dtype=torch.float64)
             raw[k] = torch.linalg.solve(cov, raw[k].T).T
     elif method != "mean_diff":
@@ -260,6 +408,13 @@ def emotion_vectors(
             denoised[k] = raw[k] - (raw[k] @ p64.T) @ p64
     unit = lambda v: (v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)).float()  # noqa: E731
     return unit(raw), unit(denoised)
+
+
+def sample_indices(n: int, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices of a random subset of ``size`` of ``range(n)`` (all of them when ``n <= size``)."""
+    if n <= size:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
 # ----------------------------------------------------------------------------- the basis
@@ -282,8 +437,6 @@ class EmotionBasis:
     neutral_pcs: list[torch.Tensor]  # per layer, [k_l, d]
     default_layer: int
     metadata: dict[str, Any] = field(default_factory=dict)
-    # per-story features of the extraction run, kept in memory for reports; never saved
-    features: Features | None = field(default=None, repr=False, compare=False)
 
     # -- access ---------------------------------------------------------------------------
 
@@ -364,7 +517,10 @@ class EmotionBasis:
             )
         n = num_layers(model)
         if max(self.layers) >= n:
-            raise ConfigError(f"this basis has layer {max(self.layers)}, but the model has only {n} layers.")
+            raise ConfigError(
+                f"this basis (from {name!r}) has layer {max(self.layers)}, but the model has only {n} layers. "
+                "Extract a basis for this model with `emotune extract --model ...`."
+            )
         expected = self.metadata.get("fingerprint")
         if strict and expected and model_fingerprint(model) != expected:
             raise ConfigError(
@@ -419,6 +575,10 @@ class EmotionBasis:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{meta_path}: corrupt basis metadata ({exc}). Re-extract the basis.") from None
+        if not isinstance(meta, dict):
+            raise DataError(
+                f"{meta_path}: basis metadata must be a JSON object, got {type(meta).__name__}. Re-extract the basis."
+            )
         try:
             tensors = load_file(str(tensor_path))
         except Exception as exc:
@@ -464,51 +624,106 @@ class EmotionBasis:
         progress: bool = True,
         default_layer: int | None = None,
         method: Method = "mean_diff",
+        max_length: int | None = None,
+        sample: int = 2500,
     ) -> EmotionBasis:
         """Extract a basis from ``model`` on the shipped corpus (or the given one).
 
         All requested layers (default: every layer) are captured in one pass. With ``validate``,
         held-out accuracy per layer is computed by ``folds``-fold cross-validation over stories,
         and the best layer becomes ``default_layer``; ``basis.metadata["validation"]`` holds it.
+
+        The corpora are streamed (read twice: once for the labels, once through the model), so
+        memory does not grow with their size: the vectors come from per-emotion sums over every
+        story, and at most ``sample`` stories (and neutral dialogues), chosen at random with
+        ``seed``, keep their features in memory, for validation, the whitened covariance and the
+        neutral PCs. The shipped corpus is under ``sample``, so all of it is kept.
         """
-        story_list = list(stories) if isinstance(stories, (list, tuple)) else load_stories(stories, emotions)  # type: ignore[arg-type]
-        if emotions is not None:
-            wanted = check_emotions(emotions)
-            story_list = [s for s in story_list if s.emotion in wanted]
-        dialogues = list(neutral) if isinstance(neutral, (list, tuple)) else load_dialogues(neutral)  # type: ignore[arg-type]
+        wanted = check_emotions(emotions) if emotions is not None else None
+        story_stream = _story_stream(stories, wanted)
+        dialogue_stream = _dialogue_stream(neutral)
         layer_ids = resolve_layers(model, layers)
-        names = sorted({s.emotion for s in story_list}, key=_catalog_order)
+        d = _hidden_size(model)
+
+        # pass 1, text only: each story's emotion (a few bytes per story), for folds and counts
+        found = [s.emotion for s in story_stream()]
+        names = sorted(set(found), key=_catalog_order)
         if len(names) < 2:
-            raise DataError(f"need stories for at least 2 emotions to extract a basis, got {names}.")
-        counts = {e: sum(s.emotion == e for s in story_list) for e in names}
+            raise DataError(
+                f"need stories for at least 2 emotions to extract a basis, got {names}. "
+                "Add stories, or widen --emotions."
+            )
+        labels = torch.tensor([names.index(e) for e in found])
+        del found
+        counts = torch.bincount(labels, minlength=len(names))
+        n_folds = max(2, min(folds, int(counts.min()))) if validate and int(counts.min()) >= 2 else 1
+        fold = fold_assignment(labels, n_folds, seed) if n_folds > 1 else torch.zeros_like(labels)
+        n_neutral = sum(1 for _ in dialogue_stream())
 
-        neutral_texts = [render_dialogue(tokenizer, d.messages) for d in dialogues]
-        nf = mean_activations(
-            model,
-            tokenizer,
-            neutral_texts,
-            layer_ids,
-            offset=offset,
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-            desc="neutral dialogues" if progress else None,
-            sources=[d.source for d in dialogues],
-        )
-        sf = mean_activations(
-            model,
-            tokenizer,
-            [s.text for s in story_list],
-            layer_ids,
-            offset=offset,
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-            desc="emotion stories" if progress else None,
-            sources=[s.source for s in story_list],
-        )
-        labels = torch.tensor([names.index(s.emotion) for s in story_list])
-        pcs = [neutral_components(nf.means[:, k], variance) for k in range(len(layer_ids))]
-        raw, denoised = emotion_vectors(sf.means, labels, len(names), pcs, method)
+        # neutral dialogues: residual norms, and features of (a sample of) them for the PCs
+        neutral_stats = RunStats(len(layer_ids))
+        neutral_keep = sample_indices(n_neutral, sample, seed)
+        neutral_feats = torch.zeros(len(neutral_keep), len(layer_ids), d)
+        neutral_hash = hashlib.sha256()
+        slot = torch.full((n_neutral,), -1, dtype=torch.long)
+        slot[neutral_keep] = torch.arange(len(neutral_keep))
 
+        def neutral_items() -> Iterator[TextItem]:
+            for dialogue in dialogue_stream():
+                text = render_dialogue(tokenizer, dialogue.messages)
+                neutral_hash.update(text.encode("utf-8") + b"\x00")
+                yield text, offset, dialogue.source
+
+        with tqdm(total=n_neutral, desc="neutral dialogues", disable=not progress, unit="text") as bar:
+            for rows, out in stream_activations(
+                model,
+                tokenizer,
+                neutral_items(),
+                layer_ids,
+                neutral_stats,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                max_length=max_length,
+                progress=bar,
+            ):
+                into = slot[rows]
+                neutral_feats[into[into >= 0]] = out[into >= 0]
+        pcs = [neutral_components(neutral_feats[:, k], variance) for k in range(len(layer_ids))]
+        del neutral_feats
+
+        # stories: per-fold sums by emotion, and features of (a sample of) them for validation
+        story_stats = RunStats(len(layer_ids))
+        sums = StorySums(len(names), len(layer_ids), d, n_folds)
+        keep = sample_indices(len(labels), sample, seed)
+        kept = torch.zeros(len(keep), len(layer_ids), d)
+        slot = torch.full((len(labels),), -1, dtype=torch.long)
+        slot[keep] = torch.arange(len(keep))
+        story_hash = hashlib.sha256()
+
+        def story_items() -> Iterator[TextItem]:
+            for story in story_stream():
+                story_hash.update((story.emotion + "\t" + story.text).encode("utf-8") + b"\x00")
+                yield story.text, offset, story.source
+
+        with tqdm(total=len(labels), desc="emotion stories", disable=not progress, unit="text") as bar:
+            for rows, out in stream_activations(
+                model,
+                tokenizer,
+                story_items(),
+                layer_ids,
+                story_stats,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                max_length=max_length,
+                progress=bar,
+            ):
+                index = torch.tensor(rows)
+                sums.add(out, labels[index], fold[index])
+                into = slot[index]
+                kept[into[into >= 0]] = out[into >= 0]
+        raw, denoised = vectors_from_sums(*sums.total(), pcs, method, sample=(kept, labels[keep]))
+
+        tokens = neutral_stats.n_tokens_total + story_stats.n_tokens_total
         meta: dict[str, Any] = {
             "emotune_version": __version__,
             "model": model_source(model),
@@ -521,27 +736,30 @@ class EmotionBasis:
                 "batch_size": batch_size,
                 "folds": folds,
                 "seed": seed,
+                "max_length": max_length,
+                "sample": sample,
             },
             "corpus": {
-                "stories": len(story_list),
-                "per_emotion": {"min": min(counts.values()), "max": max(counts.values())},
-                "stories_hash": corpus_hash(s.emotion + "\t" + s.text for s in story_list),
-                "neutral": len(dialogues),
-                "neutral_hash": corpus_hash(neutral_texts),
+                "stories": len(labels),
+                "per_emotion": {"min": int(counts.min()), "max": int(counts.max())},
+                "stories_hash": story_hash.hexdigest()[:16],
+                "neutral": n_neutral,
+                "neutral_hash": neutral_hash.hexdigest()[:16],
+                "sampled": {"stories": len(keep), "neutral": len(neutral_keep)},
             },
             "neutral_pcs": {str(layer): int(p.shape[0]) for layer, p in zip(layer_ids, pcs)},
             "timing": {
-                "neutral_s": round(nf.seconds, 2),
-                "stories_s": round(sf.seconds, 2),
-                "tokens": nf.n_tokens_total + sf.n_tokens_total,
+                "neutral_s": round(neutral_stats.seconds, 2),
+                "stories_s": round(story_stats.seconds, 2),
+                "tokens": tokens,
                 "padding_fraction": round(
-                    1 - (nf.n_tokens_total + sf.n_tokens_total) / max(1, nf.n_tokens_padded + sf.n_tokens_padded), 4
+                    1 - tokens / max(1, neutral_stats.n_tokens_padded + story_stats.n_tokens_padded), 4
                 ),
             },
         }
         best = layer_ids[len(layer_ids) * 2 // 3]  # the paper's rule of thumb when not validating
-        if validate and min(counts.values()) >= 2:
-            val = cross_validate(sf.means, labels, names, pcs, layer_ids, folds=folds, seed=seed, method=method)
+        if n_folds > 1:
+            val = cross_validate(sums, (kept, labels[keep], fold[keep]), names, pcs, layer_ids, method=method)
             meta["validation"] = val
             best = val["best_layer"]
         return cls(
@@ -549,12 +767,31 @@ class EmotionBasis:
             layer_ids,
             denoised,
             raw,
-            nf.mean_norm.clone(),
+            neutral_stats.mean_norm.clone(),
             pcs,
             default_layer if default_layer is not None else best,
             meta,
-            features=sf,
         )
+
+
+def _story_stream(
+    stories: str | Path | Sequence[Story] | None, wanted: list[str] | None
+) -> Callable[[], Iterator[Story]]:
+    """A re-iterable stream of stories: an in-memory list, or a file or folder read lazily each time."""
+    if isinstance(stories, (list, tuple)):
+        chosen = [s for s in stories if wanted is None or s.emotion in wanted]
+        if not chosen:
+            raise DataError("no stories given" + (f" for {wanted}" if wanted else "") + ". Pass a non-empty corpus.")
+        return lambda: iter(chosen)
+    return lambda: iter_stories(stories, wanted)  # type: ignore[arg-type]
+
+
+def _dialogue_stream(neutral: str | Path | Sequence[Dialogue] | None) -> Callable[[], Iterator[Dialogue]]:
+    if isinstance(neutral, (list, tuple)):
+        if not neutral:
+            raise DataError("no neutral dialogues given. Pass a non-empty list, or leave it out for the shipped set.")
+        return lambda: iter(neutral)
+    return lambda: iter_dialogues(neutral)  # type: ignore[arg-type]
 
 
 def cached_basis(model: Any, tokenizer: Any, layers: int | list[int] | str | None = None) -> EmotionBasis:
@@ -616,27 +853,26 @@ def fold_assignment(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor
 
 
 def cross_validate(
-    feats: torch.Tensor,
-    labels: torch.Tensor,
+    sums: StorySums,
+    sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     names: list[str],
     pcs: list[torch.Tensor],
     layers: list[int],
     *,
-    folds: int = 6,
-    seed: int = 0,
     method: Method = "mean_diff",
 ) -> dict[str, Any]:
     """Held-out classification of stories by their top projection, per layer.
 
-    For each fold, vectors come from the other folds' stories; a held-out story's features,
-    centred on the training stories' mean, are scored against every emotion vector.
-    Reports top-1, top-5, within-cluster top-1 and cluster accuracy for each layer.
+    For each fold, vectors come from the other folds' stories (``sums.total(exclude=fold)``);
+    each held-out story in ``sample`` (features ``[n, L, d]``, labels, folds), centred on the
+    training stories' mean, is scored against every emotion vector. Reports top-1, top-5,
+    within-cluster top-1 and cluster accuracy for each layer.
     """
     from emotune.catalog import CATALOG
 
+    feats, labels, fold = sample
     n_emotions = len(names)
-    folds = max(2, min(folds, int(torch.bincount(labels).min())))
-    fold = fold_assignment(labels, folds, seed)
+    folds = sums.sums.shape[0]
     clusters = [CATALOG[n].cluster if n in CATALOG else "?" for n in names]
     cluster_ids = torch.tensor([sorted(set(clusters)).index(c) for c in clusters])
     n_layers = feats.shape[1]
@@ -647,8 +883,9 @@ def cross_validate(
     k5 = min(5, n_emotions)
     for f in range(folds):
         train, test = fold != f, fold == f
-        _, vecs = emotion_vectors(feats[train], labels[train], n_emotions, pcs, method)  # [L, E, d]
-        centre = feats[train].mean(0)  # [L, d]
+        train_sums, train_counts = sums.total(exclude=f)
+        _, vecs = vectors_from_sums(train_sums, train_counts, pcs, method, sample=(feats[train], labels[train]))
+        centre = (train_sums.sum(0) / train_counts.sum()).float()  # [L, d]
         x = feats[test] - centre  # [n, L, d]
         scores = torch.einsum("nld,led->lne", x, vecs)  # [L, n, E]
         y = labels[test]
@@ -674,6 +911,7 @@ def cross_validate(
     return {
         "folds": folds,
         "stories": n,
+        "stories_total": int(sums.counts.sum()),
         "emotions": n_emotions,
         "chance_top1": round(1 / n_emotions, 4),
         "chance_top5": round(min(5, n_emotions) / n_emotions, 4),

@@ -47,9 +47,13 @@ def check_emotions(names: Iterable[str], where: str = "", known: Iterable[str] =
             close = difflib.get_close_matches(key, known, n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             prefix = f"{where}: " if where else ""
+            listed = (
+                "`emotune emotions` lists them"
+                if known == EMOTIONS
+                else ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+            )
             raise ConfigError(
-                f"{prefix}unknown emotion {name!r}.{hint} The {len(known)} known emotions are listed by "
-                "`emotune emotions` (emotune.catalog.EMOTIONS)."
+                f"{prefix}unknown emotion {name!r}.{hint} Use one of the {len(known)} known emotions ({listed})."
             )
         out.append(key)
     return out

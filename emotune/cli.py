@@ -10,12 +10,53 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from emotune.errors import EmotuneError
+from emotune.errors import ConfigError, EmotuneError
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _floats(value: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in _csv(value)]
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {value!r}: not a comma-separated list of numbers. Use e.g. {flag} -0.1,0,0.1."
+        ) from None
+
+
+def _emotions(value: str | None) -> list[str] | None:
+    """``--emotions`` checked against the catalogue before any model is loaded."""
+    from emotune.catalog import check_emotions
+
+    return check_emotions(_csv(value), where="--emotions") if value else None
+
+
+def _layers(model: Any, value: str | None) -> list[int] | None:
+    """``--layers`` resolved against the model, errors named by the flag."""
+    from emotune.models import resolve_layers
+
+    if not value:
+        return None
+    try:
+        return resolve_layers(model, value)
+    except ConfigError as exc:
+        raise ConfigError(f"--layers {value}: {exc}") from None
+
+
+def _load_basis(path: str, model: Any) -> Any:
+    """``--basis`` loaded and checked against the model, errors named by the flag."""
+    from emotune.basis import EmotionBasis
+
+    try:
+        basis = EmotionBasis.load(path)
+        basis.check_model(model)
+    except EmotuneError as exc:
+        raise type(exc)(f"--basis{'' if str(exc).startswith(path) else ' ' + path}: {exc}") from None
+    return basis
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -29,8 +70,9 @@ def cmd_extract(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # refuse a bad output folder before minutes of work, not after
+    # refuse a bad output folder or flag before minutes of work, not after
     check_output_dir(args.out, marker="basis.json")
+    emotions = _emotions(args.emotions)
     start = time.perf_counter()
     model, tokenizer = load_model(
         args.model,
@@ -45,14 +87,16 @@ def cmd_extract(args: argparse.Namespace) -> None:
         tokenizer,
         stories=args.stories,
         neutral=args.neutral,
-        emotions=_csv(args.emotions) if args.emotions else None,
-        layers=args.layers,
+        emotions=emotions,
+        layers=_layers(model, args.layers),
         offset=args.offset,
         variance=args.variance,
         method=args.method,
         batch_size=args.batch_size,
         folds=args.folds,
         seed=args.seed,
+        max_length=args.max_length,
+        sample=args.sample,
     )
     report = basis_report(basis, model, tokenizer)
     report["timing"] = dict(
@@ -70,11 +114,12 @@ def cmd_stories(args: argparse.Namespace) -> None:
     from emotune.models import load_model
     from emotune.stories import generate_stories, write_stories
 
+    emotions = _emotions(args.emotions)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     records, rejected = generate_stories(
         model,
         tokenizer,
-        emotions=_csv(args.emotions) if args.emotions else None,
+        emotions=emotions,
         per_emotion=args.per_emotion,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
@@ -87,6 +132,7 @@ def cmd_stories(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from emotune.evaluate.run import DEFAULT_SECTIONS, evaluate
 
+    alphas = _floats(args.alphas, "--alphas")
     report = evaluate(
         args.model,
         adapter=args.adapter,
@@ -94,38 +140,54 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out=args.out,
         dtype=args.dtype,
         device=args.device,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
         sections=_csv(args.sections) if args.sections else DEFAULT_SECTIONS,
         suite=args.suite,
         contexts=args.contexts,
         limit=args.limit,
         generation_k=args.k,
-        steering_alphas=[float(a) for a in _csv(args.alphas)],
+        steering_alphas=alphas,
         judge_model=args.judge,
     )
     print(f"wrote {args.out}/report.md ({', '.join(report['sections'])}) in {sum(report['timing'].values()):.0f} s")
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
-    from emotune.basis import EmotionBasis, cached_basis, render_dialogue
+    from emotune.basis import cached_basis, render_dialogue
+    from emotune.catalog import check_emotions
     from emotune.models import load_model
     from emotune.steer import steered
 
+    emotion = check_emotions([args.emotion], where="--emotion")[0]
+    alphas = _floats(args.alphas, "--alphas")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    basis = EmotionBasis.load(args.basis) if args.basis else cached_basis(model, tokenizer)
-    basis.check_model(model)
-    layers = [int(x) for x in _csv(args.layers)] if args.layers else None
+    layers = _layers(model, args.layers)
+    basis = _load_basis(args.basis, model) if args.basis else cached_basis(model, tokenizer)
+    where = f"the basis {args.basis}" if args.basis else "the cached basis"
+    if emotion not in basis.emotions:
+        raise ConfigError(
+            f"--emotion {args.emotion}: not in {where} ({len(basis)} emotions). Choose one of "
+            f"{', '.join(basis.emotions[:12])}{', ...' if len(basis) > 12 else ''}, or re-extract with --emotions."
+        )
+    missing = [x for x in layers or [] if x not in basis.layers]
+    if missing:
+        raise ConfigError(
+            f"--layers {args.layers}: layer(s) {', '.join(map(str, missing))} not in {where} (layers "
+            f"{', '.join(map(str, basis.layers))}). Choose layers it has, or re-extract with --layers."
+        )
     text = render_dialogue(tokenizer, [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
-    for alpha in [float(a) for a in _csv(args.alphas)]:
+    for alpha in alphas:
         import torch
 
         torch.manual_seed(args.seed)
-        with steered(model, basis, args.emotion, alpha, layers):
+        with steered(model, basis, emotion, alpha, layers):
             out = model.generate(
                 ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
         reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        print(f"--- {args.emotion} alpha={alpha:+.2f}\n{reply}\n")
+        print(f"--- {emotion} alpha={alpha:+.2f}\n{reply}\n")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -166,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emotions", default=None, help="comma-separated subset (default: all 171)")
     p.add_argument("--layers", default=None, help="e.g. 10-20 or -8,-4 (default: all layers, one pass)")
     p.add_argument("--offset", type=int, default=8, help="skip this many tokens at the start of each text")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate texts to this many tokens (default: refuse longer than the model's context)",
+    )
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=2500,
+        help="stories whose features are kept in memory for validation "
+        "(the vectors use every story; the corpus is streamed)",
+    )
     p.add_argument("--variance", type=float, default=0.5, help="neutral variance explained by the removed PCs")
     p.add_argument(
         "--method",

@@ -28,7 +28,7 @@ from typing import Any
 
 from emotune.basis import render_dialogue
 from emotune.corpus import read_jsonl, shipped_path
-from emotune.errors import DataError
+from emotune.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 IMPLICIT_TAGS = ("assistant", "all")
@@ -48,19 +48,27 @@ class Conversation:
 def validate_record(obj: dict[str, Any], where: str) -> Conversation:
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: missing field 'messages' (a non-empty list of {{role, content, tags?}}).")
+        raise DataError(
+            f"{where}: missing field 'messages' (a non-empty list of {{role, content, tags?}}). Add it to that line."
+        )
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: messages[{i}] must be an object.")
+            raise DataError(f"{where}: messages[{i}] must be an object. Write it as {{role, content, tags?}}.")
         if message.get("role") not in ROLES:
             raise DataError(f"{where}: messages[{i}].role is {message.get('role')!r}; use one of {', '.join(ROLES)}.")
         if not isinstance(message.get("content"), str) or not message["content"].strip():
-            raise DataError(f"{where}: messages[{i}].content must be a non-empty string.")
+            raise DataError(f"{where}: messages[{i}].content must be a non-empty string. Add the message's text.")
         tags = message.get("tags", [])
         if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
-            raise DataError(f"{where}: messages[{i}].tags must be a list of strings.")
+            raise DataError(
+                f"{where}: messages[{i}].tags is {tags!r:.60}, not a list of tag names. "
+                'Write it as a list, e.g. "tags": ["failure"].'
+            )
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message, so there is nothing to train on.")
+        raise DataError(
+            f"{where}: no assistant message, so there is nothing to train on. Add an assistant reply, "
+            "or remove the conversation."
+        )
     return Conversation(str(obj.get("id", where)), tuple(messages), where)
 
 
@@ -72,10 +80,12 @@ def load_conversations(path: str | Path | None = None, *, split: str = "train") 
     if path is None:
         path = shipped_path("train")
     p = Path(path)
+    if not p.exists() and p.suffix in (".jsonl", ".json"):  # a local file, not a hub id: do not ask the hub
+        raise DataError(f"{p}: file not found. Check the path, or pass a folder of .jsonl files.")
     if p.exists():
         files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
         if not files:
-            raise DataError(f"{p}: folder holds no .jsonl files.")
+            raise DataError(f"{p}: folder holds no .jsonl files. Put the conversations in <name>.jsonl files.")
         out = [validate_record(obj, f"{f}:{n}") for f in files for n, obj in read_jsonl(f)]
     else:
         try:
@@ -88,7 +98,10 @@ def load_conversations(path: str | Path | None = None, *, split: str = "train") 
             ) from None
         out = [validate_record(dict(row), f"{path}[{i}]") for i, row in enumerate(rows)]
     if not out:
-        raise DataError(f"{path}: no conversations found.")
+        raise DataError(
+            f"{path}: no conversations found (empty). Add one JSON object a line: "
+            '{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}.'
+        )
     return out
 
 
@@ -118,9 +131,16 @@ def tokenize_conversation(
             continue
         spans.append((start, len(text)))
         start = len(text)
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+    except (NotImplementedError, KeyError):
+        raise ConfigError(
+            f"{conv.source or conv.id}: the tokenizer ({type(tokenizer).__name__}) cannot map tokens to characters "
+            "(no offset mapping), which tagging the training tokens needs. Use a model whose folder has a fast "
+            "tokenizer (tokenizer.json)."
+        ) from None
     ids: list[int] = list(encoded["input_ids"])
-    offsets = encoded["offset_mapping"]
     labels = [-100] * len(ids)
     tag_bits = [1 << bits["all"]] * len(ids)
     for (lo, hi), message in zip(spans, conv.messages):

@@ -335,28 +335,37 @@ class Dialogue:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for each non-blank line; errors name the file and line."""
+    """Yield ``(line_number, object)`` for each non-blank line, reading one line at a time.
+
+    Errors name the file and line. Memory does not grow with the file's length.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found. Check the path, or pass a folder of .jsonl files.")
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad_line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{bad_line}: not valid UTF-8 (byte {exc.start}). Re-save the file as UTF-8.") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{number}: malformed JSON ({exc.msg}). Each line must be one JSON object."
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}.")
-        yield number, obj
+    with path.open("rb") as handle:
+        offset = 0
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{number}: not valid UTF-8 (byte {offset + exc.start}). Re-save the file as UTF-8."
+                ) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{number}: malformed JSON ({exc.msg}). Fix that line: each line must be one JSON object."
+                ) from None
+            if not isinstance(obj, dict):
+                raise DataError(
+                    f"{path}:{number}: expected a JSON object, got {type(obj).__name__}. Fix that line: each line "
+                    "must be one JSON object."
+                )
+            yield number, obj
 
 
 def _jsonl_files(path: Path) -> list[Path]:
@@ -370,29 +379,32 @@ def _jsonl_files(path: Path) -> list[Path]:
 
 def _require(obj: dict, key: str, kind: type, where: str) -> object:
     if key not in obj:
-        raise DataError(f"{where}: missing field '{key}'.")
+        raise DataError(f"{where}: missing field '{key}'. Add it to that line.")
     value = obj[key]
     if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"{where}: field '{key}' must be a non-empty {kind.__name__}, got {value!r:.60}.")
+        raise DataError(
+            f"{where}: field '{key}' must be a non-empty {kind.__name__}, got {value!r:.60}. Fix that line's value."
+        )
     return value
 
 
-def load_stories(
+def iter_stories(
     path: str | Path | None = None,
     emotions: Iterable[str] | None = None,
     *,
     check_leaks: bool = True,
-) -> list[Story]:
-    """Load emotion stories from a .jsonl file or a folder of them (default: the shipped corpus).
+) -> Iterator[Story]:
+    """Stream emotion stories from a .jsonl file or a folder of them (default: the shipped corpus).
 
     ``emotions`` restricts the result; unknown emotions in it raise. Stories that name their own
     emotion raise when ``check_leaks`` is set, since they would teach the word, not the state.
+    Raises at the end if no story was found.
     """
     from emotune.catalog import check_emotions
 
     root = Path(path) if path is not None else shipped_path("stories")
     wanted = set(check_emotions(emotions)) if emotions is not None else None
-    stories: list[Story] = []
+    found = False
     for file in _jsonl_files(root):
         for number, obj in read_jsonl(file):
             where = f"{file}:{number}"
@@ -406,33 +418,51 @@ def load_stories(
                     f"{where}: story for '{emotion}' names its own emotion ({', '.join(leaks)}). "
                     "Rewrite it to show the feeling without the word."
                 )
-            stories.append(Story(emotion, text, str(obj.get("topic", "")), str(obj.get("person", "")), where))
-    if not stories:
-        raise DataError(f"{root}: no stories found" + (f" for {sorted(wanted)}" if wanted else "") + ".")
-    return stories
+            found = True
+            yield Story(emotion, text, str(obj.get("topic", "")), str(obj.get("person", "")), where)
+    if not found:
+        raise DataError(
+            f"{root}: no stories found" + (f" for {sorted(wanted)}" if wanted else "") + ". "
+            'Add stories, one JSON object a line: {"emotion": ..., "text": ...}.'
+        )
 
 
-def load_dialogues(path: str | Path | None = None) -> list[Dialogue]:
-    """Load neutral dialogues (default: the shipped corpus)."""
+def load_stories(
+    path: str | Path | None = None,
+    emotions: Iterable[str] | None = None,
+    *,
+    check_leaks: bool = True,
+) -> list[Story]:
+    """All stories of :func:`iter_stories` in a list."""
+    return list(iter_stories(path, emotions, check_leaks=check_leaks))
+
+
+def iter_dialogues(path: str | Path | None = None) -> Iterator[Dialogue]:
+    """Stream neutral dialogues (default: the shipped corpus); raises at the end if there were none."""
     root = Path(path) if path is not None else shipped_path("neutral")
-    dialogues: list[Dialogue] = []
+    found = False
     for file in _jsonl_files(root):
         for number, obj in read_jsonl(file):
             where = f"{file}:{number}"
             messages: list[Any] = _require(obj, "messages", list, where)  # type: ignore[assignment]
             for i, message in enumerate(messages):
                 if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                    raise DataError(f"{where}: messages[{i}] needs a role of system, user or assistant.")
+                    raise DataError(f"{where}: messages[{i}] needs a role of system, user or assistant. Fix the role.")
                 if not isinstance(message.get("content"), str) or not message["content"].strip():
-                    raise DataError(f"{where}: messages[{i}] needs non-empty 'content'.")
-            dialogues.append(
-                Dialogue(
-                    str(obj.get("id", f"{file.stem}-{number}")), tuple(messages), str(obj.get("topic", "")), where
-                )
+                    raise DataError(f"{where}: messages[{i}] needs non-empty 'content'. Add the text.")
+            found = True
+            yield Dialogue(
+                str(obj.get("id", f"{file.stem}-{number}")), tuple(messages), str(obj.get("topic", "")), where
             )
-    if not dialogues:
-        raise DataError(f"{root}: no dialogues found.")
-    return dialogues
+    if not found:
+        raise DataError(
+            f'{root}: no dialogues found. Each line needs {{"messages": [{{"role": ..., "content": ...}}]}}.'
+        )
+
+
+def load_dialogues(path: str | Path | None = None) -> list[Dialogue]:
+    """All dialogues of :func:`iter_dialogues` in a list."""
+    return list(iter_dialogues(path))
 
 
 def shipped_path(name: str) -> Path:

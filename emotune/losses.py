@@ -29,23 +29,37 @@ def project(hidden: torch.Tensor, vectors: torch.Tensor, scale: float) -> torch.
     return hidden @ vectors.to(dtype=hidden.dtype, device=hidden.device).T / scale
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence mean of ``values`` (``[B, T, ...]``) over masked tokens, then the mean over the B rows.
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence mean of ``values`` (``[B, T, ...]``) over masked tokens, then the mean over the sequences.
 
-    A row with an empty mask counts as 0 (and still counts in B). Averaging rows rather than
+    A sequence with an empty mask counts as 0 (and still counts). Averaging sequences rather than
     tokens makes the term independent of how a batch is split: batch 4 x accumulation 1 and
     batch 1 x accumulation 4 give the same gradient, and so do DDP ranks of equal batch size.
     Extra trailing dimensions of ``values`` are averaged too.
+
+    Without ``segments`` each row is one sequence. A padding-free batch packs several sequences
+    into a row; ``segments`` (``[B, T]`` long) then numbers each token's sequence 0..n-1 across
+    the batch, -1 on padding, and the result equals that of the same sequences padded into rows.
     """
-    mask = mask.to(values.dtype)
-    while mask.dim() < values.dim():
-        mask = mask.unsqueeze(-1)
-    weight = mask.expand_as(values)
-    per_row = (values * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
-    return per_row.mean()
+    if values.dim() > mask.dim():
+        values = values.flatten(mask.dim()).mean(-1)  # each token's mean over the trailing dimensions
+    weight = mask.to(values.dtype)
+    if segments is None:
+        per_row = (values * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+        return per_row.mean()
+    flat = segments.flatten()
+    index = flat.clamp_min(0)
+    weight = weight.flatten() * (flat >= 0)
+    size = flat.numel()  # an upper bound on the number of sequences: no device sync to count them
+    sums = values.new_zeros(size).index_add(0, index, values.flatten() * weight)
+    counts = values.new_zeros(size).index_add(0, index, weight)
+    n_sequences = (flat.max() + 1).clamp_min(1).to(values.dtype)
+    return (sums / counts.clamp_min(1.0)).sum() / n_sequences
 
 
-def term_loss(form: str, proj: torch.Tensor, mask: torch.Tensor, value: float) -> torch.Tensor:
+def term_loss(
+    form: str, proj: torch.Tensor, mask: torch.Tensor, value: float, segments: torch.Tensor | None = None
+) -> torch.Tensor:
     """One unweighted term on projections ``proj`` (``[B, T]``); ``value`` is the margin or target."""
     if form == "penalize":
         per_token = F.relu(proj - value)
@@ -55,12 +69,14 @@ def term_loss(form: str, proj: torch.Tensor, mask: torch.Tensor, value: float) -
         per_token = (proj - value) ** 2
     else:
         raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
-    return masked_mean(per_token, mask)
+    return masked_mean(per_token, mask, segments)
 
 
-def drift_loss(proj: torch.Tensor, base_proj: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def drift_loss(
+    proj: torch.Tensor, base_proj: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean squared move of projections (``[B, T, E]``) away from the base model's, over masked tokens."""
-    return masked_mean((proj - base_proj.detach()) ** 2, mask)
+    return masked_mean((proj - base_proj.detach()) ** 2, mask, segments)
 
 
 def warmup_factor(step: int, total_steps: int, warmup_ratio: float) -> float:

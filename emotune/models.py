@@ -131,6 +131,33 @@ def resolve_model_path(name: str, dtype: torch.dtype = torch.float32) -> tuple[s
     return name, {"model": name, "hub_id": name if not os.path.isdir(name) else None, "embedded": False}
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; anything but a floating dtype raises."""
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(f"--dtype {dtype!r}: not a floating-point torch dtype. Use one of {', '.join(DTYPES)}.")
+    return value
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine; a typo or a missing GPU raises before the model loads."""
+    try:
+        value = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"--device {device!r}: not a device name. Use cpu, cuda, cuda:N or mps (or leave it out for cpu)."
+        ) from None
+    if value.type == "cuda" and (not torch.cuda.is_available() or (value.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA GPU"
+        raise ConfigError(f"--device {device!r}: this machine has {found}. Use --device cpu, or a GPU it has.")
+    if value.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device!r}: MPS is not available on this machine. Use --device cpu.")
+    return value
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -146,12 +173,18 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
+    if device is not None:
+        device = parse_device(device)
     if trust_remote_code:
         warnings.warn(f"trust_remote_code=True: code from '{name}' will run on this machine.", stacklevel=2)
     path, meta = resolve_model_path(name, dtype)  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(
+            f"{name}: this folder holds no config.json, so it is not a model folder. Use an embedded name "
+            f"({', '.join(EMBEDDED)}), a folder written by save_pretrained, or a hub id."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
@@ -225,11 +258,17 @@ def resolve_layers(model_or_n: nn.Module | int, layers: int | list[int] | str | 
         items: list[int] = []
         for part in layers.split(","):
             part = part.strip()
-            if "-" in part[1:]:
-                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                items.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                items.append(int(part))
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                    items.extend(range(int(lo), int(hi) + 1))
+                elif part:
+                    items.append(int(part))
+            except ValueError:
+                raise ConfigError(
+                    f"layers {layers!r}: cannot read {part!r} as a layer or range. Use numbers, ranges and "
+                    "commas, e.g. 10-20 or -8,-4 or all."
+                ) from None
         layers = items
     if isinstance(layers, int):
         layers = [layers]
@@ -237,7 +276,10 @@ def resolve_layers(model_or_n: nn.Module | int, layers: int | list[int] | str | 
     for layer in layers:
         index = layer + n if layer < 0 else layer
         if not 0 <= index < n:
-            raise ConfigError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -1..-{n}).")
+            raise ConfigError(
+                f"layer {layer} is out of range: the model has {n} layers (0..{n - 1}, or -1..-{n}). "
+                "Choose layers in that range."
+            )
         out.append(index)
     return sorted(set(out))
 

@@ -2,8 +2,10 @@
 
 recipe -> (model, basis, tagged conversations) -> EmotuneTrainer -> adapter folder:
 
-    <output_dir>/adapter/      PEFT adapter, tokenizer, basis/ (or basis.json reference), recipe.yaml, README.md
-    <output_dir>/checkpoint-N/ Trainer checkpoints (resume with --resume_from_checkpoint true)
+    <output_dir>/adapter/      PEFT adapter, tokenizer, basis/, recipe.yaml, emotune_run.json (base model, hub id,
+                               revision), README.md
+    <output_dir>/checkpoint-N/ Trainer checkpoints (resume with --resume_from_checkpoint true: the newest
+                               complete one, in the same W&B run, whose id is kept in <output_dir>/wandb_run_id)
 
 Every check that can fail (unknown emotion, missing tag, mismatched basis, layer out of range,
 push_to_hub without a token, an output folder from another run) runs before the first step.
@@ -15,12 +17,16 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
+import string
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -62,33 +68,71 @@ def parse_recipe(argv: Sequence[str] | None = None) -> tuple[ScriptArguments, An
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0].endswith((".yaml", ".yml")) and not args[0].startswith("-"):
         args = ["--config", *args]
-    if "--config" in args:
-        path = Path(args[args.index("--config") + 1])
-        if not path.exists():
-            raise ConfigError(f"{path}: recipe not found.")
+    recipe_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+    if recipe_path is not None:
+        path = Path(recipe_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe not found. Check the path, or pass the .yaml recipe to train from.")
         try:
-            recipe = yaml.safe_load(path.read_text())
+            recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}). Re-save the recipe as UTF-8.") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: malformed YAML ({getattr(exc, 'problem', exc)}).") from None
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(
+                f"{path}{line}: malformed YAML ({problem}). Fix the YAML there: one `key: value` a line."
+            ) from None
         if not isinstance(recipe, dict):
-            raise ConfigError(f"{path}: a recipe must be a YAML mapping of key: value.")
+            raise ConfigError(
+                f"{path}: a recipe must be a YAML mapping of key: value, not a {type(recipe).__name__}. "
+                "Write one `key: value` a line (see recipes/calm.yaml)."
+            )
     parser = TrlParser((ScriptArguments, EmotuneConfig, ModelConfig))  # type: ignore[arg-type]
+
+    def parse_error(message: str) -> NoReturn:
+        # argparse would print its usage and exit: say which key, where it was set, and what to do instead
+        flag = re.search(r"argument (--[\w-]+)(?:/--[\w-]+)*", message)
+        aliases = set(flag.group(0).split(" ", 1)[1].split("/")) if flag else set()
+        on_command_line = recipe_path is None or any(a.split("=")[0] in aliases for a in args)
+        if flag is not None:  # name the key as the recipe spells it, or the flag as it was typed
+            message = message.replace(flag.group(0), flag.group(1) if on_command_line else flag.group(1)[2:])
+        raise ConfigError(
+            f"{'command line' if on_command_line else recipe_path}: {message}. Fix the value; "
+            "`python scripts/train.py --help` lists every key with its type."
+        )
+
+    parser.error = parse_error  # type: ignore[method-assign]
     try:
         script, config, model_args = parser.parse_args_and_config(args)
     except ValueError as exc:
+        if isinstance(exc, ConfigError):  # from EmotuneConfig: it names the key; add the recipe that set it
+            key = re.match(r"\w+", str(exc))
+            if recipe_path is None or str(exc).startswith((f"{recipe_path}:", "command line:")):
+                raise
+            if not key or f"--{key[0]}" in args:
+                raise
+            raise ConfigError(f"{recipe_path}: {exc}") from None
         text = str(exc)
         if "Unknown arguments from config file" in text:
             keys = [
                 k[2:] for k in text.split("[", 1)[1].split("]")[0].replace("'", "").split(", ") if k.startswith("--")
             ]
             raise ConfigError(
-                f"{args[args.index('--config') + 1]}: unknown key(s) {', '.join(keys)}. Check the "
+                f"{recipe_path}: unknown key(s) {', '.join(keys)}. Check the "
                 "spelling; `python scripts/train.py --help` lists every key."
             ) from None
-        raise ConfigError(f"recipe: {text}") from None
-    except SystemExit as exc:  # argparse already printed the problem
+        if "not used by the HfArgumentParser" in text:
+            flags = [f for f in re.findall(r"'([^']*)'", text) if f.startswith("-")] or [text.split(": ", 1)[-1]]
+            raise ConfigError(
+                f"command line: unknown flag(s) {', '.join(flags)}. Check the spelling; "
+                "`python scripts/train.py --help` lists every key."
+            ) from None
+        raise ConfigError(f"recipe: {' '.join(text.split())}") from None
+    except SystemExit as exc:  # argparse already printed the problem (or --help its text)
+        if exc.code in (0, None):
+            raise
         raise ConfigError("recipe: invalid command-line arguments (see the message above).") from exc
     return script, config, model_args
 
@@ -120,6 +164,92 @@ def setup_wandb(config: Any) -> None:
         logger.warning("W&B: no API key found, so this run logs offline to ./wandb (sync later with `wandb sync`).")
 
 
+WANDB_ID_FILE = "wandb_run_id"
+_WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@contextmanager
+def wandb_run_identity(config: Any, is_main: bool) -> Iterator[str | None]:
+    """Give the W&B run of ``output_dir`` a stable id, so that a resumed run continues it instead of forking one.
+
+    The id is kept in ``<output_dir>/wandb_run_id`` (written on the first start); a ``WANDB_RUN_ID`` set by the
+    user wins and is kept for later resumes. ``WANDB_RUN_ID`` and ``WANDB_RESUME=allow`` are set only inside the
+    block: WandbCallback calls ``wandb.init``, which reads them, when training begins.
+    """
+    report_to = config.report_to if isinstance(config.report_to, list) else [config.report_to]
+    if not is_main or "wandb" not in report_to:
+        yield None
+        return
+    from emotune.io import write_text_atomic
+
+    path = Path(config.output_dir) / WANDB_ID_FILE
+    stored = path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
+    if stored and not _WANDB_ID.fullmatch(stored):
+        logger.warning("%s: not a W&B run id (%r); this run gets a new one.", path, stored[:40])
+        stored = ""
+    user = os.environ.get("WANDB_RUN_ID")
+    if user:
+        run_id = user
+    elif stored:
+        run_id = stored
+    else:  # like W&B's own ids: 8 characters of [a-z0-9]
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if run_id != stored:
+        write_text_atomic(path, run_id + "\n")
+    saved = {key: os.environ.get(key) for key in ("WANDB_RUN_ID", "WANDB_RESUME")}
+    os.environ["WANDB_RUN_ID"] = run_id
+    os.environ.setdefault("WANDB_RESUME", "allow")
+    try:
+        yield run_id
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest *complete* ``checkpoint-N`` of ``output_dir``, or None.
+
+    Trainer writes ``trainer_state.json`` last, so a checkpoint without a readable one was cut short by a kill;
+    Trainer's own lookup would pick it and fail (or resume from half a checkpoint).
+    """
+    folder = Path(output_dir)
+    found = sorted(
+        (
+            (int(m[1]), p)
+            for p in (folder.iterdir() if folder.is_dir() else [])
+            if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+        ),
+        reverse=True,
+    )
+    for _, path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return path
+        except (OSError, ValueError):
+            logger.warning("%s: incomplete (the run was stopped while saving it); skipping it.", path)
+    return None
+
+
+def resolve_resume(config: Any) -> str | None:
+    """``--resume_from_checkpoint``: true/last -> the newest complete checkpoint; a path stays as given."""
+    resume = config.resume_from_checkpoint
+    if not resume or str(resume).lower() in ("false", "none"):
+        return None
+    if str(resume).lower() not in ("true", "last"):
+        return str(resume)
+    found = last_checkpoint(config.output_dir)
+    if found is None:
+        raise ConfigError(
+            f"resume_from_checkpoint: no complete checkpoint in {config.output_dir} to resume from. Start the run "
+            "again with --overwrite_output_dir true (or without --resume_from_checkpoint in a new output_dir)."
+        )
+    logger.warning("Resuming from %s.", found)
+    return str(found)
+
+
 def preflight(script: ScriptArguments, config: Any, model_args: Any) -> None:
     from emotune.io import check_output_dir
 
@@ -144,6 +274,16 @@ def preflight(script: ScriptArguments, config: Any, model_args: Any) -> None:
     check_output_dir(out / "adapter", marker="adapter_config.json")
     if model_args.model_name_or_path is None:
         raise ConfigError("model_name_or_path: missing. Set it in the recipe (e.g. smollm2-135m-instruct).")
+    if model_args.dtype not in (None, "auto"):  # a recipe's value is not checked against the flag's choices
+        from emotune.models import DTYPES, parse_dtype
+
+        try:
+            parse_dtype(model_args.dtype)
+        except ConfigError:
+            raise ConfigError(
+                f"dtype: {model_args.dtype!r} is not a floating-point torch dtype. "
+                f"Use one of auto, {', '.join(DTYPES)}."
+            ) from None
 
 
 def resolve_basis(config: Any, model: Any, tokenizer: Any) -> Any:
@@ -152,13 +292,62 @@ def resolve_basis(config: Any, model: Any, tokenizer: Any) -> Any:
     from emotune.models import resolve_layers
 
     if config.basis:
-        basis = EmotionBasis.load(config.basis)
-        basis.check_model(model)
+        try:
+            basis = EmotionBasis.load(config.basis)
+            basis.check_model(model)
+        except EmotuneError as exc:  # name the recipe key (and the folder, where the message does not)
+            where = "basis" if str(exc).startswith(str(config.basis)) else f"basis {config.basis}"
+            raise type(exc)(f"{where}: {exc}") from None
         return basis
     layers = set(resolve_layers(model, config.emotion_layers)) if config.emotion_layers else set()
     for term in config.terms:
         layers |= set(resolve_layers(model, term.layers)) if term.layers else set()
     return cached_basis(model, tokenizer, sorted(layers) or None)
+
+
+def _layer_keys(config: Any) -> list[tuple[str, list[int] | None]]:
+    return [("emotion_layers", config.emotion_layers)] + [
+        (f"emotion_terms[{i}].layers", term.layers) for i, term in enumerate(config.terms)
+    ]
+
+
+def check_model_fit(config: Any, model: Any) -> None:
+    """The recipe against the loaded model, before any work: layers in range, max_length within the context."""
+    from emotune.models import resolve_layers
+
+    for key, layers in _layer_keys(config):
+        try:
+            resolve_layers(model, layers)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    context = getattr(model.config, "max_position_embeddings", None)
+    if config.max_length and context and config.max_length > context:
+        raise ConfigError(
+            f"max_length: {config.max_length} tokens is longer than the model's context "
+            f"(max_position_embeddings {context}). Set max_length to {context} or less."
+        )
+
+
+def check_basis_fit(config: Any, model: Any, basis: Any) -> None:
+    """Every layer and emotion the terms use must be in the basis."""
+    from emotune.models import resolve_layers
+
+    where = f"the basis {config.basis}" if config.basis else "the cached basis"
+    for key, layers in _layer_keys(config):
+        missing = [x for x in resolve_layers(model, layers) if x not in basis.layers] if layers else []
+        if missing:
+            raise ConfigError(
+                f"{key}: layer(s) {', '.join(map(str, missing))} not in {where} (it has layers "
+                f"{', '.join(map(str, basis.layers))}). Re-extract the basis with --layers including them, "
+                "or choose layers it has."
+            )
+    for i, term in enumerate(config.terms):
+        if term.emotion not in basis.emotions:
+            shown = ", ".join(basis.emotions[:12]) + (", ..." if len(basis.emotions) > 12 else "")
+            raise ConfigError(
+                f"emotion_terms[{i}].emotion: {term.emotion!r} is not in {where} ({len(basis.emotions)} emotions: "
+                f"{shown}). Re-extract the basis with --emotions including it, or choose one it has."
+            )
 
 
 def build_dataset(script: ScriptArguments, config: Any, tokenizer: Any) -> tuple[Any, dict[str, int]]:
@@ -172,10 +361,11 @@ def build_dataset(script: ScriptArguments, config: Any, tokenizer: Any) -> tuple
     wanted = {t for term in config.terms for t in term.tags}
     if config.drift_weight > 0:
         wanted |= set(config.drift_tags)
+    data = f", dataset {script.dataset}" if script.dataset else ""
     for i, term in enumerate(config.terms):
-        check_tags_present(conversations, term.tags, where=f"emotion_terms[{i}] ({term.emotion})")
+        check_tags_present(conversations, term.tags, where=f"emotion_terms[{i}] ({term.emotion}){data}")
     if config.drift_weight > 0:
-        check_tags_present(conversations, config.drift_tags, where="drift_tags")
+        check_tags_present(conversations, config.drift_tags, where=f"drift_tags{data}")
     bits = tag_index(wanted | {t for c in conversations for t in c.tags})
     rows = [tokenize_conversation(c, tokenizer, bits, config.max_length) for c in conversations]
     return Dataset.from_list(rows), bits
@@ -202,7 +392,8 @@ def model_card(config: Any, model_args: Any, basis: Any, shifts: dict[str, Any] 
         "Trained with [emotune](https://pypi.org/project/emotune/): supervised fine-tuning plus an auxiliary loss on "
         "the projections of the model's activations onto emotion vectors.",
         "",
-        f"- base model: `{base}` (emotune name `{model_args.model_name_or_path}`)",
+        f"- base model: `{base}` (emotune name `{model_args.model_name_or_path}`, revision "
+        f"`{model_args.model_revision or 'main'}`)",
         f"- emotion layers: {basis.default_layer if not config.emotion_layers else config.emotion_layers}",
         f"- drift weight: {config.drift_weight}",
         "",
@@ -231,11 +422,25 @@ def redacted_recipe(script: ScriptArguments, config: Any, model_args: Any) -> st
     return yaml.safe_dump(clean, sort_keys=True)
 
 
+def run_info(config: Any, model_args: Any, model: Any) -> dict[str, Any]:
+    """What ``<output_dir>/emotune_run.json`` (and its copy in the adapter) records: the base model's name, hub id
+    and revision, the terms and the seed."""
+    from emotune.models import model_source
+
+    return {
+        "model": model_args.model_name_or_path,
+        "revision": model_args.model_revision,
+        "source": model_source(model),
+        "terms": config.emotion_terms,
+        "seed": config.seed,
+    }
+
+
 def save_adapter(
     trainer: Any, script: ScriptArguments, config: Any, model_args: Any, basis: Any, shifts: dict[str, Any] | None
 ) -> Path:
-    """Write <output_dir>/adapter atomically: adapter, tokenizer, basis, recipe, model card."""
-    from emotune.io import atomic_dir
+    """Write <output_dir>/adapter atomically: adapter, tokenizer, basis, recipe, run info, model card."""
+    from emotune.io import atomic_dir, write_json_atomic
 
     target = Path(config.output_dir) / "adapter"
     with atomic_dir(target, marker="adapter_config.json") as tmp:
@@ -243,6 +448,7 @@ def save_adapter(
         trainer.processing_class.save_pretrained(tmp)
         basis.save(tmp / "basis")
         (tmp / "recipe.yaml").write_text(redacted_recipe(script, config, model_args))
+        write_json_atomic(tmp / "emotune_run.json", run_info(config, model_args, trainer.model))
         (tmp / "README.md").write_text(model_card(config, model_args, basis, shifts))
     return target
 
@@ -302,10 +508,11 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
     from trl import get_peft_config
 
     from emotune.io import write_json_atomic
-    from emotune.models import load_model, resolve_layers
+    from emotune.models import load_model
     from emotune.trainer import EmotuneTrainer
 
     preflight(script, config, model_args)
+    resume = resolve_resume(config)  # before minutes of loading: a run with no checkpoint to resume fails now
     setup_wandb(config)
     set_seed(config.seed)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
@@ -313,14 +520,14 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
         model_args.model_name_or_path,
         dtype=dtype,
         revision=model_args.model_revision,
-        trust_remote_code=bool(getattr(model_args, "trust_remote_code", False)),
+        # the recipe key lives in SFTConfig (trl's ModelConfig has none); load_model warns when it is on
+        trust_remote_code=bool(
+            getattr(config, "trust_remote_code", False) or getattr(model_args, "trust_remote_code", False)
+        ),
     )
-    resolve_layers(model, config.emotion_layers)  # a layer out of range fails here, named against the model
-    for term in config.terms:
-        resolve_layers(model, term.layers)
+    check_model_fit(config, model)  # a layer out of range or a too-long max_length fails here, named by its key
     basis = resolve_basis(config, model, tokenizer)
-    for term in config.terms:
-        basis.index(term.emotion)
+    check_basis_fit(config, model, basis)
     dataset, bits = build_dataset(script, config, tokenizer)
     # We push the finished adapter folder ourselves; Trainer's own push would create the repo at init
     # and upload checkpoints as they come.
@@ -341,14 +548,9 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
     )
     out = Path(config.output_dir)
     if trainer.is_world_process_zero():
-        write_json_atomic(
-            out / "emotune_run.json",
-            {"model": model_args.model_name_or_path, "terms": config.emotion_terms, "seed": config.seed},
-        )
-    resume = config.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume or None)
+        write_json_atomic(out / "emotune_run.json", run_info(config, model_args, model))
+    with wandb_run_identity(config, trainer.is_world_process_zero()):
+        trainer.train(resume_from_checkpoint=resume)
     shifts = None
     target = out / "adapter"
     if trainer.is_world_process_zero():

@@ -50,6 +50,30 @@ class EmotionTerm:
         return self.margin if self.form == "penalize" else self.target
 
 
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where}: {value!r} is not a number. Use a plain number, e.g. 0.5.")
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not a number. Use a plain number, e.g. 0.5.") from None
+
+
+def parse_layers(raw: Any, where: str) -> list[int] | None:
+    """A list of layer indices (or one index); ``None`` stays ``None``."""
+    if raw is None:
+        return None
+    items = raw if isinstance(raw, (list, tuple)) else [raw]
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, str)) or not str(item).strip().lstrip("-").isdigit():
+            raise ConfigError(
+                f"{where}: {item!r} is not a layer index. Use whole numbers, e.g. [12] or [-4] (from the end)."
+            )
+        out.append(int(item))
+    return out
+
+
 def parse_terms(raw: Any, where: str = "emotion_terms") -> list[EmotionTerm]:
     """Validate the recipe's list of term mappings (or its JSON string from the command line)."""
     if raw is None:
@@ -62,7 +86,10 @@ def parse_terms(raw: Any, where: str = "emotion_terms") -> list[EmotionTerm]:
     if isinstance(raw, dict):
         raw = [raw]
     if not isinstance(raw, list):
-        raise ConfigError(f"{where}: expected a list of terms, got {type(raw).__name__}.")
+        raise ConfigError(
+            f"{where}: expected a list of terms, got {type(raw).__name__}. Write a list of "
+            "{emotion, form, weight, tags} mappings."
+        )
     known = {f for f in EmotionTerm.__dataclass_fields__}
     terms = []
     for i, item in enumerate(raw):
@@ -71,19 +98,18 @@ def parse_terms(raw: Any, where: str = "emotion_terms") -> list[EmotionTerm]:
             terms.append(item)
             continue
         if not isinstance(item, dict):
-            raise ConfigError(f"{here}: expected a mapping with emotion, form, weight, tags.")
+            raise ConfigError(
+                f"{here}: expected a mapping, got {item!r:.60}. Write it as {{emotion, form, weight, tags}}."
+            )
         unknown = sorted(set(item) - known)
         if unknown:
-            raise ConfigError(f"{here}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}.")
+            raise ConfigError(f"{here}: unknown key(s) {', '.join(unknown)}. Use only {', '.join(sorted(known))}.")
         for key in ("emotion", "form", "weight"):
             if key not in item:
-                raise ConfigError(f"{here}: missing '{key}'.")
+                raise ConfigError(f"{here}: missing '{key}'. Add it; a term needs emotion, form and weight.")
         if item["form"] not in FORMS:
-            raise ConfigError(f"{here}.form: {item['form']!r} is not one of {', '.join(FORMS)}.")
-        try:
-            weight = float(item["weight"])
-        except (TypeError, ValueError):
-            raise ConfigError(f"{here}.weight: {item['weight']!r} is not a number.") from None
+            raise ConfigError(f"{here}.form: {item['form']!r} is not one of {', '.join(FORMS)}. Use one of those.")
+        weight = _number(item["weight"], f"{here}.weight")
         if weight < 0:
             raise ConfigError(
                 f"{here}.weight: {weight} is negative; weights must be >= 0 (choose the form "
@@ -94,17 +120,18 @@ def parse_terms(raw: Any, where: str = "emotion_terms") -> list[EmotionTerm]:
             tags = [tags]
         if not tags:
             raise ConfigError(f"{here}.tags: empty; name the context tags the term applies to, e.g. [failure].")
+        if not isinstance(tags, list) or not all(isinstance(t, str) and t.strip() for t in tags):
+            raise ConfigError(f"{here}.tags: {tags!r:.60} is not a list of tag names. Use e.g. [failure].")
         emotion = check_emotions([item["emotion"]], where=f"{here}.emotion")[0]
-        layers = item.get("layers")
         terms.append(
             EmotionTerm(
                 emotion,
                 item["form"],
                 weight,
                 list(tags),
-                [int(x) for x in layers] if layers is not None else None,
-                float(item.get("margin", 0.0)),
-                float(item.get("target", 0.0)),
+                parse_layers(item.get("layers"), f"{here}.layers"),
+                _number(item.get("margin", 0.0), f"{here}.margin"),
+                _number(item.get("target", 0.0), f"{here}.target"),
             )
         )
     return terms
@@ -163,6 +190,7 @@ class EmotuneConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         self.terms: list[EmotionTerm] = parse_terms(self.emotion_terms)
+        self.emotion_layers = parse_layers(self.emotion_layers, "emotion_layers")
         self.emotion_terms = [asdict(t) for t in self.terms]
         if self.drift_weight < 0:
             raise ConfigError(f"drift_weight: {self.drift_weight} is negative; use 0 to turn drift off.")
@@ -171,13 +199,16 @@ class EmotuneConfig(SFTConfig):
                 f"emotion_weight_scale: {self.emotion_weight_scale} is negative; use 0 for a control run."
             )
         if not 0 <= self.emotion_warmup_ratio <= 1:
-            raise ConfigError(f"emotion_warmup_ratio: {self.emotion_warmup_ratio} must be in [0, 1].")
+            raise ConfigError(
+                f"emotion_warmup_ratio: {self.emotion_warmup_ratio} must be in [0, 1]. Use a fraction such as 0.1, "
+                "or 0 for no warmup."
+            )
         if isinstance(self.drift_tags, str):
             self.drift_tags = [self.drift_tags]
-        if self.packing or self.padding_free:
+        if self.packing:
             raise ConfigError(
-                "packing / padding_free: emotune's token masks are built per conversation and padded, and are not "
-                "yet carried through trl's packing. Set packing: false and padding_free: false."
+                "packing: trl's packing re-tokenises the dataset and would drop emotune's token tags. "
+                "Set packing: false, and padding_free: true to pack each batch into one row with its tags kept."
             )
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False  # every LoRA parameter is used in every forward
@@ -195,14 +226,30 @@ class EmotuneConfig(SFTConfig):
 
 
 class EmotionCollator:
-    """Pads ``input_ids``/``labels``/``tag_bits`` to the batch's longest row, left or right."""
+    """Pads ``input_ids``/``labels``/``tag_bits`` to the batch's longest row, left or right.
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+    With ``padding_free``, the batch's conversations are instead concatenated into one row with no
+    padding: ``position_ids`` restart at 0 for each conversation (transformers turns that into a
+    block-diagonal attention mask, or variable-length flash attention), the first label of each is
+    ignored (no prediction across a boundary), and ``segments`` numbers each token's conversation,
+    so that the emotion terms still average per conversation.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+        padding_free: bool = False,
+    ):
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = padding_free
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return self._packed(features)
         width = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -216,6 +263,29 @@ class EmotionCollator:
             "labels": pad_rows([f["labels"] for f in features], -100, self.padding_side, width),
             "tag_bits": pad_rows([f["tag_bits"] for f in features], 0, self.padding_side, width),
         }
+
+    def _packed(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        labels = []
+        for f in features:
+            row = torch.as_tensor(list(f["labels"]), dtype=torch.long)
+            row[:1] = -100
+            labels.append(row)
+        batch = {
+            "input_ids": torch.cat([torch.as_tensor(list(f["input_ids"]), dtype=torch.long) for f in features]),
+            "position_ids": torch.cat([torch.arange(n) for n in lengths]),
+            "labels": torch.cat(labels),
+            "tag_bits": torch.cat([torch.as_tensor(list(f["tag_bits"]), dtype=torch.long) for f in features]),
+            "segments": torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)]),
+        }
+        total = sum(lengths)
+        if self.pad_to_multiple_of and total % self.pad_to_multiple_of:
+            extra = self.pad_to_multiple_of - total % self.pad_to_multiple_of  # a padding "sequence" of its own
+            fill = {"input_ids": self.pad_token_id, "labels": -100, "tag_bits": 0, "segments": -1}
+            for key, value in fill.items():
+                batch[key] = torch.cat([batch[key], torch.full((extra,), value, dtype=torch.long)])
+            batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra)])
+        return {key: value[None] for key, value in batch.items()}
 
 
 def tag_mask(tag_bits: torch.Tensor, tags: Sequence[str], bits: dict[str, int]) -> torch.Tensor:
@@ -236,9 +306,17 @@ class EmotuneTrainer(SFTTrainer):
         tokenizer = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None and tokenizer is not None:
             kwargs["data_collator"] = EmotionCollator(
-                tokenizer.pad_token_id, getattr(tokenizer, "padding_side", "right")
+                tokenizer.pad_token_id,
+                getattr(tokenizer, "padding_side", "right"),
+                int(config.pad_to_multiple_of) if config.pad_to_multiple_of else None,
+                padding_free=config.padding_free,
             )
-        super().__init__(*args, **kwargs)
+        # trl refuses a custom collator with padding_free; ours packs the batch itself
+        padding_free, config.padding_free = config.padding_free, False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            config.padding_free = padding_free
         self.basis = basis
         self.tag_bits = tag_bits
         default_layers = config.emotion_layers or [basis.default_layer]
@@ -253,6 +331,12 @@ class EmotuneTrainer(SFTTrainer):
         )
         for layer in self.hook_layers:
             basis._slot(layer)  # raises a clear error for a layer the basis lacks
+        self._term_columns: dict[int, list[str]] = {}  # the emotions projected at each layer, in term order
+        for term, layers in zip(config.terms, self.term_layers):
+            for layer in layers:
+                columns = self._term_columns.setdefault(layer, [])
+                if term.emotion not in columns:
+                    columns.append(term.emotion)
         # vectors per layer, kept on the model's device
         self._vectors: dict[tuple[int, str], torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor | float] = {}
@@ -265,6 +349,13 @@ class EmotuneTrainer(SFTTrainer):
             idx = [self.basis.index(e) for e in emotions]
             self._vectors[key] = self.basis.vectors(layer)[idx].to(device)
         return self._vectors[key]
+
+    def _term_projections(self, store: dict[int, torch.Tensor], device: torch.device) -> dict[int, torch.Tensor]:
+        """``{layer: [B, T, E_layer]}``: every term's projection at a layer in one product."""
+        return {
+            layer: project(store[layer], self._vecs(layer, emotions, device), self.basis.scale(layer))
+            for layer, emotions in self._term_columns.items()
+        }
 
     def _log(self, key: str, value: torch.Tensor | float) -> None:
         """Queue a metric; ``_flush_logs`` converts the step's values with one device sync."""
@@ -304,6 +395,7 @@ class EmotuneTrainer(SFTTrainer):
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         tag_bits = inputs.pop("tag_bits", None)
+        segments = inputs.pop("segments", None)  # padding-free batches: each token's conversation
         config = self.args
         if not config.emotion_active or tag_bits is None:
             return super().compute_loss(
@@ -315,18 +407,17 @@ class EmotuneTrainer(SFTTrainer):
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         lm_loss = result[0] if return_outputs else result
-        attention = inputs["attention_mask"].bool()
+        attention = inputs["attention_mask"].bool() if "attention_mask" in inputs else segments >= 0
         scale = config.emotion_weight_scale * warmup_factor(
             self.state.global_step, self.state.max_steps, config.emotion_warmup_ratio
         )
         aux = lm_loss.new_zeros(())
+        projections = self._term_projections(store, lm_loss.device)
         for term, layers in zip(config.terms, self.term_layers):
             mask = tag_mask(tag_bits, term.tags, self.tag_bits) & attention
             for layer in layers:
-                p = project(store[layer], self._vecs(layer, [term.emotion], lm_loss.device), self.basis.scale(layer))[
-                    ..., 0
-                ]
-                value = term_loss(term.form, p.float(), mask, term.value)
+                p = projections[layer][..., self._term_columns[layer].index(term.emotion)]
+                value = term_loss(term.form, p.float(), mask, term.value, segments)
                 aux = aux + scale * term.weight * value / len(layers)
                 suffix = f"@L{layer}" if len(layers) > 1 else ""
                 self._log(f"emotion/{term.name}{suffix}", value.detach())
@@ -343,7 +434,7 @@ class EmotuneTrainer(SFTTrainer):
                 vecs = self._vecs(layer, self.drift_emotions, lm_loss.device)
                 r = self.basis.scale(layer)
                 drift = drift + drift_loss(
-                    project(store[layer], vecs, r).float(), project(base[layer], vecs, r).float(), mask
+                    project(store[layer], vecs, r).float(), project(base[layer], vecs, r).float(), mask, segments
                 ) / len(self.drift_layers)
             aux = aux + scale * config.drift_weight * drift
             self._log("emotion/drift", drift.detach())

@@ -17,7 +17,7 @@ def tiny_llama(layers: int = 4, hidden: int = 32, vocab: int = 128, seed: int = 
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=4096,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

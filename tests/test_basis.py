@@ -210,3 +210,67 @@ def test_whitened_vectors_equal_the_discriminant_formula():
     _, plain = emotion_vectors(feats, labels, 3, [torch.zeros(0, d)])
     # whitening discounts the noisy axis 1 relative to the plain mean difference
     assert got[0, :, 1].abs().mean() < plain[0, :, 1].abs().mean()
+
+
+def test_streaming_in_small_chunks_gives_the_same_features(tiny_model, char_tokenizer, corpus):
+    from emotune.basis import RunStats, stream_activations
+
+    texts = [s.text for s in corpus[0]]
+    items = [(t, 2, f"story {i}") for i, t in enumerate(texts)]
+
+    def run(chunk):
+        stats = RunStats(3)
+        out = torch.zeros(len(texts), 3, 32)
+        for rows, means in stream_activations(tiny_model, char_tokenizer, iter(items), [0, 2, 3], stats, chunk=chunk):
+            out[rows] = means
+        return out, stats
+
+    whole, whole_stats = run(4096)
+    pieces, piece_stats = run(5)
+    torch.testing.assert_close(pieces, whole, atol=2e-5, rtol=1e-4)
+    assert piece_stats.n_texts == whole_stats.n_texts == len(texts)
+    assert piece_stats.token_count == whole_stats.token_count
+
+
+def test_a_corpus_larger_than_the_sample_still_uses_every_story_for_the_vectors(tiny_model, char_tokenizer, corpus):
+    stories, neutral = corpus
+    kwargs = dict(stories=stories, neutral=neutral, layers=[1, 2], offset=2, progress=False)
+    full = EmotionBasis.extract(tiny_model, char_tokenizer, **kwargs)
+    capped = EmotionBasis.extract(tiny_model, char_tokenizer, sample=10, **kwargs)
+    # the vectors come from per-emotion sums over all 24 stories, whatever the sample
+    assert torch.equal(capped.raw, full.raw)
+    assert capped.metadata["corpus"]["sampled"] == {"stories": 10, "neutral": 10}
+    assert full.metadata["corpus"]["sampled"] == {"stories": len(stories), "neutral": len(neutral)}
+    assert capped.metadata["validation"]["stories"] == 10
+    assert capped.metadata["validation"]["stories_total"] == len(stories)
+    # the neutral PCs come from the sample, so the denoised vectors may differ a little
+    assert not torch.equal(capped.denoised, full.denoised)
+
+
+def test_extraction_from_a_file_streams_it_and_equals_the_in_memory_corpus(
+    tmp_path, tiny_model, char_tokenizer, corpus
+):
+    import json
+
+    from emotune.corpus import corpus_hash
+
+    stories, neutral = corpus
+    path = tmp_path / "stories.jsonl"
+    path.write_text("".join(json.dumps({"emotion": s.emotion, "text": s.text}) + "\n" for s in stories))
+    kwargs = dict(neutral=neutral, layers=[1], offset=2, progress=False)
+    from_file = EmotionBasis.extract(tiny_model, char_tokenizer, stories=path, **kwargs)
+    in_memory = EmotionBasis.extract(tiny_model, char_tokenizer, stories=stories, **kwargs)
+    assert torch.equal(from_file.denoised, in_memory.denoised)
+    assert from_file.metadata["corpus"]["stories_hash"] == corpus_hash(s.emotion + "\t" + s.text for s in stories)
+
+
+def test_a_story_longer_than_the_context_is_refused_where_it_is(tiny_model, char_tokenizer, corpus):
+    stories, neutral = corpus
+    tiny_model.config.max_position_embeddings = 256
+    long = Story("calm", "slow tide " * 40, source="long.jsonl:7")  # 401 tokens
+    with pytest.raises(DataError, match=r"long\.jsonl:7: 401 tokens, longer than the model's context \(256\)"):
+        EmotionBasis.extract(tiny_model, char_tokenizer, stories=[*stories, long], neutral=neutral, progress=False)
+    basis = EmotionBasis.extract(
+        tiny_model, char_tokenizer, stories=[*stories, long], neutral=neutral, progress=False, max_length=256
+    )
+    assert basis.metadata["settings"]["max_length"] == 256

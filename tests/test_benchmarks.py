@@ -16,7 +16,7 @@ def test_benchmark_smoke_mode_writes_every_ratio(tmp_path):
             str(ROOT / "benchmarks" / "run.py"),
             "--smoke",
             "--only",
-            "train,scaling,extract,choice",
+            "train,padfree,scaling,extract,stream,choice",
             "--out",
             str(out),
         ],
@@ -32,4 +32,9 @@ def test_benchmark_smoke_mode_writes_every_ratio(tmp_path):
     assert len(data["scaling"]) == 12
     assert data["extract"][-1]["ratio_vs_bare"] < 0.10  # padding waste after length bucketing
     assert data["choice"][1]["speedup_vs_separate"] > 0
+    assert [r["variant"] for r in data["padfree"]] == ["padded", "padding-free"]
+    assert data["padfree"][0]["padding_fraction"] > 0 and data["padfree"][1]["padding_fraction"] == 0
+    stream = {(r["mode"], r["multiple"]): r for r in data["stream"]}
+    assert stream["streamed", 3]["stories"] == 3 * stream["streamed", 1]["stories"]
+    assert {r["mode"] for r in data["stream"]} == {"in memory (baseline)", "streamed"}
     assert "## Training step" in result.stdout

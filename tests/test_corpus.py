@@ -109,7 +109,9 @@ def test_loader_rejects_empty_and_non_utf8_files(tmp_path):
     with pytest.raises(DataError, match="no stories found"):
         load_stories(_write(tmp_path, "empty.jsonl", b""))
     with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid UTF-8"):
-        load_stories(_write(tmp_path, "bad.jsonl", b'{"a": 1}\n\xff\xfe\n'))
+        load_stories(
+            _write(tmp_path, "bad.jsonl", b'{"emotion": "calm", "text": "The tea cooled by the window."}\n\xff\xfe\n')
+        )
     with pytest.raises(DataError, match="file not found"):
         load_stories(tmp_path / "missing.jsonl")
 

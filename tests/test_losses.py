@@ -58,3 +58,28 @@ def test_warmup_ramps_linearly_with_training_progress():
     assert warmup_factor(5, 100, 0.1) == pytest.approx(0.5)
     assert warmup_factor(50, 100, 0.1) == 1.0
     assert warmup_factor(0, 100, 0.0) == 1.0
+
+
+@pytest.mark.parametrize("trailing", [(), (3,)])
+def test_packed_segments_give_the_same_mean_as_padded_rows(trailing):
+    torch.manual_seed(0)
+    lengths = [5, 2, 7]
+    rows = [torch.randn(n, *trailing) for n in lengths]
+    masks = [torch.rand(n) > 0.4 for n in lengths]
+    masks[1][:] = False  # an empty sequence still counts, as 0
+    width = max(lengths)
+    padded = torch.zeros(len(lengths), width, *trailing)
+    padded_mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        padded[i, : len(r)], padded_mask[i, : len(m)] = r, m
+    packed = torch.cat(rows)[None]
+    packed_mask = torch.cat(masks)[None]
+    segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    expected = masked_mean(padded, padded_mask)
+    torch.testing.assert_close(masked_mean(packed, packed_mask, segments), expected)
+    # trailing padding (segment -1) changes nothing
+    pad = torch.zeros(1, 4, *trailing)
+    packed_pad = torch.cat([packed, pad + 9.0], 1)
+    mask_pad = torch.cat([packed_mask, torch.ones(1, 4, dtype=torch.bool)], 1)
+    seg_pad = torch.cat([segments, torch.full((1, 4), -1)], 1)
+    torch.testing.assert_close(masked_mean(packed_pad, mask_pad, seg_pad), expected)

@@ -263,3 +263,41 @@ def test_a_layer_the_basis_lacks_is_refused(setup, tmp_path):
     )
     with pytest.raises(ConfigError, match=r"layer 2 is not in this basis"):
         build((tok, state, narrow), tmp_path)
+
+
+def test_padding_free_batches_train_exactly_like_padded_ones(setup, tmp_path):
+    """One packed row per batch (no padding) gives the padded run's losses, emotion terms, drift and weights."""
+    padded = build(setup, tmp_path / "padded", drift_weight=1.0, max_steps=3)
+    packed = build(setup, tmp_path / "packed", drift_weight=1.0, max_steps=3, padding_free=True)
+    batch = packed.data_collator([packed.train_dataset[i] for i in range(2)])
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert batch["segments"].unique().tolist() == [0, 1]
+    padded.train()
+    packed.train()
+    for key in ("loss", "emotion/aux_loss", "emotion/reward_calm", "emotion/penalize_desperate", "emotion/drift"):
+        a = [h[key] for h in padded.state.log_history if key in h]
+        b = [h[key] for h in packed.state.log_history if key in h]
+        assert len(a) == len(b) == 3, key
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6), key
+    sa, sb = lora_state(padded), lora_state(packed)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_free_collator_keeps_conversations_apart():
+    collator = EmotionCollator(0, padding_free=True, pad_to_multiple_of=8)
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7], "tag_bits": [1, 1, 1]},
+        {"input_ids": [8, 9], "labels": [-100, 9], "tag_bits": [0, 2]},
+    ]
+    batch = collator(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]  # no prediction across a boundary
+    assert batch["segments"].tolist() == [[0, 0, 0, 1, 1, -1, -1, -1]]
+    assert batch["tag_bits"].tolist() == [[1, 1, 1, 0, 2, 0, 0, 0]]
+
+
+def test_packing_is_refused_with_the_padding_free_alternative(tmp_path):
+    with pytest.raises(ConfigError, match="padding_free: true"):
+        EmotuneConfig(output_dir=str(tmp_path), packing=True)

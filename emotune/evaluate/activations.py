@@ -38,11 +38,21 @@ def load_contexts(path: str | Path | None = None) -> list[Context]:
     for number, obj in read_jsonl(path):
         where = f"{path}:{number}"
         messages = obj.get("messages")
-        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
-            raise DataError(f"{where}: 'messages' must be a list ending with an assistant turn.")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+            or messages[-1].get("role") != "assistant"
+        ):
+            raise DataError(
+                f"{where}: 'messages' must be a list of {{role, content}} ending with an assistant turn. "
+                "Fix that line's messages."
+            )
         if "set" not in obj:
-            raise DataError(f"{where}: missing field 'set' (failure, neutral or success).")
+            raise DataError(f"{where}: missing field 'set'. Add it: failure, neutral or success.")
         out.append(Context(str(obj.get("id", where)), str(obj["set"]), tuple(messages)))
+    if not out:
+        raise DataError(f"{path}: no contexts (empty). Add one JSON object a line with set and messages.")
     return out
 
 

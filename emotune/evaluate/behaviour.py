@@ -28,6 +28,7 @@ from emotune.evaluate.stats import mcnemar, paired_bootstrap_diff, rate_summary
 
 SUITES = {"default": "scenarios.jsonl"}
 ROLES = ("system", "user", "assistant", "tool")
+FIELDS = ("id", "category", "pressure", "pair", "messages", "ethical", "unethical")
 
 
 @dataclass(frozen=True)
@@ -54,22 +55,31 @@ def load_scenarios(suite: str | Path | None = None) -> list[Scenario]:
                 "Pass a suite name or the path of a scenario .jsonl file."
             )
     scenarios = []
+    first_line: dict[str, int] = {}
     for number, obj in read_jsonl(path):
         where = f"{path}:{number}"
-        for key in ("id", "category", "pressure", "pair", "messages", "ethical", "unethical"):
+        for key in FIELDS:
             if key not in obj:
-                raise DataError(f"{where}: missing field '{key}'.")
+                raise DataError(f"{where}: missing field '{key}'. Add it; a scenario needs {', '.join(FIELDS)}.")
         if obj["pressure"] not in ("high", "none"):
             raise DataError(f'{where}: field \'pressure\' is {obj["pressure"]!r}; use "high" or "none".')
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list.")
+            raise DataError(f"{where}: field 'messages' must be a non-empty list. Add the conversation's turns.")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not str(m.get("content", "")).strip():
-                raise DataError(f"{where}: messages[{i}] needs a role in {ROLES} and non-empty content.")
+                raise DataError(
+                    f"{where}: messages[{i}] needs a role ({', '.join(ROLES)}) and non-empty content. Fix that turn."
+                )
         for key in ("ethical", "unethical"):
             if not isinstance(obj[key], str) or not obj[key].strip():
-                raise DataError(f"{where}: field '{key}' must be a non-empty string.")
+                raise DataError(f"{where}: field '{key}' must be a non-empty string. Add the continuation's text.")
+        if str(obj["id"]) in first_line:
+            raise DataError(
+                f"{where}: duplicate scenario id {str(obj['id'])!r} (first at line {first_line[str(obj['id'])]}). "
+                "Give each scenario its own id."
+            )
+        first_line[str(obj["id"])] = number
         scenarios.append(
             Scenario(
                 str(obj["id"]),
@@ -82,10 +92,10 @@ def load_scenarios(suite: str | Path | None = None) -> list[Scenario]:
             )
         )
     if not scenarios:
-        raise DataError(f"{path}: no scenarios.")
-    ids = [s.id for s in scenarios]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{path}: duplicate scenario ids.")
+        raise DataError(
+            f"{path}: no scenarios (empty). Add one JSON object a line with {', '.join(FIELDS)}, "
+            "or pass --suite default."
+        )
     return scenarios
 
 

@@ -18,10 +18,10 @@ import torch
 import yaml
 
 from emotune.basis import EmotionBasis, cached_basis
-from emotune.errors import ConfigError, DataError
+from emotune.errors import ConfigError, DataError, EmotuneError
 from emotune.evaluate import activations as act
 from emotune.evaluate import behaviour, capability, concealment, generation
-from emotune.models import load_model, model_fingerprint
+from emotune.models import load_model, model_fingerprint, model_source
 from emotune.steer import steered
 
 SECTIONS = ("activations", "concealment", "behaviour", "capability", "steering", "generation")
@@ -53,27 +53,58 @@ def load_adapter(model: Any, adapter: str | Path) -> tuple[Any, dict[str, Any]]:
     from peft import PeftModel
 
     folder = Path(adapter)
-    if not (folder / "adapter_config.json").exists():
+    if not (folder / "adapter_config.json").is_file():
         raise DataError(f"{folder}: not an adapter folder (no adapter_config.json). Use <output_dir>/adapter.")
+    if not (folder / "adapter_model.safetensors").is_file():
+        # peft would fall back to adapter_model.bin, a pickle: loading one runs code from the file
+        raise DataError(
+            f"{folder}: no adapter_model.safetensors. emotune loads adapter weights only from safetensors, never "
+            "from pickles (.bin); re-save the adapter with save_pretrained(..., safe_serialization=True)."
+        )
     info: dict[str, Any] = {"path": str(folder)}
+    adapter_config = _read_json(folder / "adapter_config.json", "Re-save the adapter, or train it again")
+    base = adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
     basis_meta = folder / "basis" / "basis.json"
     if basis_meta.exists():
-        expected = json.loads(basis_meta.read_text()).get("fingerprint")
+        meta = _read_json(basis_meta, "Copy the basis folder from the training run again")
+        expected = meta.get("fingerprint") if isinstance(meta, dict) else None
         if expected and expected != model_fingerprint(model):
             raise ConfigError(
                 f"{folder}: this adapter was trained on another base model (fingerprint {expected}; "
-                f"this model's is {model_fingerprint(model)}). Pass the --model it was trained on."
+                f"this model's is {model_fingerprint(model)}). Pass the --model it was trained on"
+                + (f" ({base})." if base else ".")
             )
     if (folder / "recipe.yaml").exists():
-        info["recipe"] = yaml.safe_load((folder / "recipe.yaml").read_text())
+        try:
+            info["recipe"] = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise DataError(
+                f"{folder / 'recipe.yaml'}{line}: malformed YAML ({getattr(exc, 'problem', None) or 'not UTF-8'}). "
+                "Fix it, or remove recipe.yaml to evaluate without the recipe's targeted emotions."
+            ) from None
+        if not isinstance(info["recipe"], dict):
+            info["recipe"] = None
     try:
         wrapped = PeftModel.from_pretrained(model, str(folder))
     except (RuntimeError, ValueError, KeyError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        detail = " ".join(str(exc).split())[:200] if first.endswith(":") else first[:200]
         raise ConfigError(
-            f"{folder}: the adapter does not fit this model ({str(exc).splitlines()[0][:200]})."
+            f"{folder}: the adapter does not fit this model ({detail}). Pass the --model it was trained on"
+            + (f" ({base})." if base else ".")
         ) from None
     wrapped.eval()
     return wrapped, info
+
+
+def _read_json(path: Path, remedy: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(path)
+        raise DataError(f"{where}: corrupt JSON ({getattr(exc, 'msg', 'not UTF-8')}). {remedy}.") from None
 
 
 def _targeted(info: dict[str, Any]) -> list[str]:
@@ -107,7 +138,7 @@ def evaluate_model(
     """Every requested section for one (possibly PEFT-wrapped) model; base = adapter disabled."""
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}.")
+        raise ConfigError(f"--sections: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}.")
     info = adapter_info or {}
     has_adapter = hasattr(model, "disable_adapter")
     targeted = [e for e in _targeted(info) if e in basis.emotions]
@@ -119,6 +150,7 @@ def evaluate_model(
     desc = (lambda s: s) if progress else (lambda s: None)  # noqa: E731
     report: dict[str, Any] = {
         "model": basis.metadata.get("model"),
+        "source": model_source(model),  # the evaluated model: name, hub id and revision
         "adapter": info.get("path"),
         "targeted": targeted,
         "trained_layers": trained,
@@ -130,6 +162,10 @@ def evaluate_model(
     ctx_all = act.load_contexts(contexts)
     if limit:
         ctx_all = [c for s in ("failure", "neutral", "success") for c in [x for x in ctx_all if x.set == s][:limit]]
+    scenarios = behaviour.load_scenarios(suite)  # before any section runs: a bad file fails in seconds
+    if limit:
+        pairs = sorted({s.pair for s in scenarios})[:limit]
+        scenarios = [s for s in scenarios if s.pair in pairs]
 
     def timed(name: str, fn: Any) -> Any:
         start = time.perf_counter()
@@ -149,10 +185,6 @@ def evaluate_model(
                 model, tokenizer, basis, failure, targeted, trained, CONCEALMENT_EMOTIONS
             ),
         )
-    scenarios = behaviour.load_scenarios(suite)
-    if limit:
-        pairs = sorted({s.pair for s in scenarios})[:limit]
-        scenarios = [s for s in scenarios if s.pair in pairs]
     if "behaviour" in sections:
         report["behaviour"] = timed("behaviour", lambda: _behaviour(model, tokenizer, scenarios, has_adapter, desc))
     if "capability" in sections:
@@ -391,6 +423,8 @@ def evaluate(
     out: str | Path | None = None,
     dtype: str = "float32",
     device: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Load the model (and adapter), find or extract a basis, evaluate, and write the report to ``out``."""
@@ -399,13 +433,19 @@ def evaluate(
 
     if out is not None:
         check_output_dir(out, marker="report.json")
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    model, tokenizer = load_model(
+        model_name, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code
+    )
     info: dict[str, Any] = {}
     # Without --basis, use the model's full cached basis (every layer), so that layers the adapter
     # was not trained on are measured too; at the trained layers it equals the adapter's own basis.
     if basis is not None:
-        emotion_basis = EmotionBasis.load(basis)
-        emotion_basis.check_model(model)
+        try:
+            emotion_basis = EmotionBasis.load(basis)
+            emotion_basis.check_model(model)
+        except EmotuneError as exc:  # name the flag (and the folder, where the message does not)
+            where = "--basis" if str(exc).startswith(str(basis)) else f"--basis {basis}"
+            raise type(exc)(f"{where}: {exc}") from None
     else:
         emotion_basis = cached_basis(model, tokenizer)
     if adapter is not None:

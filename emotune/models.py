@@ -165,10 +165,12 @@ def load_model(
     device: str | torch.device | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from an embedded name, a hub id or a local folder.
 
-    The model is in eval mode. The tokenizer always has a pad token (the EOS token when the
+    ``attn_implementation`` is passed to transformers ("sdpa", "eager", "flash_attention_2"...;
+    None: its default). The model is in eval mode. The tokenizer always has a pad token (the EOS token when the
     model defines none), since batched extraction and scoring pad.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -187,7 +189,8 @@ def load_model(
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **extra)
     except OSError as exc:
         raise EmotuneError(
             f"Could not load model '{name}': {str(exc).splitlines()[0]} Use an embedded name "

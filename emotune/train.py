@@ -524,6 +524,7 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
         trust_remote_code=bool(
             getattr(config, "trust_remote_code", False) or getattr(model_args, "trust_remote_code", False)
         ),
+        attn_implementation=getattr(model_args, "attn_implementation", None),
     )
     check_model_fit(config, model)  # a layer out of range or a too-long max_length fails here, named by its key
     basis = resolve_basis(config, model, tokenizer)

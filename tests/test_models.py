@@ -84,3 +84,11 @@ def test_fingerprint_ignores_lora_and_precision_but_not_weights():
     assert model_fingerprint(_tiny("llama")) != fp  # other random weights
     wrapped = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
     assert model_fingerprint(wrapped) == fp
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_the_attention_implementation_is_passed_through(tiny_chat_model_dir, implementation):
+    from emotune.models import load_model
+
+    model, _ = load_model(str(tiny_chat_model_dir), attn_implementation=implementation)
+    assert model.config._attn_implementation == implementation

@@ -109,3 +109,47 @@ def tiny_chat_model_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------- a tiny training world
+
+# tagged training conversations for scripts/train.py on the tiny chat model: 4 failure, 4 neutral
+TRAIN_CONVERSATIONS = [
+    {
+        "id": f"f{i}",
+        "messages": [
+            {"role": "user", "content": "Run the tests please."},
+            {"role": "tool", "content": "FAILED test_sum: assert 3 == 4" + " again" * i, "tags": ["failure"]},
+            {"role": "assistant", "content": "The test still fails. I will report it plainly.", "tags": ["failure"]},
+        ],
+    }
+    for i in range(4)
+] + [
+    {
+        "id": f"r{i}",
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris." + " Indeed." * i, "tags": ["neutral"]},
+        ],
+    }
+    for i in range(4)
+]
+
+
+def extract_tiny_basis(model, tok, **kwargs):
+    """A 3-emotion basis of ``model`` from a handful of stories and dialogues: seconds, for mechanics tests."""
+    from emotune.basis import EmotionBasis
+    from emotune.corpus import Dialogue, Story
+
+    stories = [
+        Story(e, f"{e} the tests failed again and the deploy passed {i}")
+        for e in ("calm", "desperate", "afraid")
+        for i in range(3)
+    ]
+    neutral = [
+        Dialogue(
+            str(i), ({"role": "user", "content": "capital?"}, {"role": "assistant", "content": "Paris" * (i + 1)})
+        )
+        for i in range(4)
+    ]
+    return EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False, **kwargs)

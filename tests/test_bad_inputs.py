@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CharTokenizer, tiny_fast_tokenizer, tiny_llama
+from conftest import CharTokenizer, extract_tiny_basis, tiny_fast_tokenizer, tiny_llama
 
 from emotune.errors import EmotuneError
 
@@ -127,26 +127,13 @@ def world(tiny_chat_model_dir, tmp_path_factory):
     """The tiny chat model, its bases (and bases of other models), good training data, and adapters."""
     from peft import LoraConfig, get_peft_model
 
-    from emotune.basis import EmotionBasis
-    from emotune.corpus import Dialogue, Story
     from emotune.models import load_model
 
     root = tmp_path_factory.mktemp("bad-inputs")
     model, tok = load_model(str(tiny_chat_model_dir))
-    stories = [
-        Story(e, f"{e} the tests failed again and the deploy passed {i}")
-        for e in ("calm", "desperate", "afraid")
-        for i in range(3)
-    ]
-    neutral = [
-        Dialogue(
-            str(i), ({"role": "user", "content": "capital?"}, {"role": "assistant", "content": "Paris" * (i + 1)})
-        )
-        for i in range(4)
-    ]
 
     def extract(m: Any, **kwargs: Any) -> Any:
-        return EmotionBasis.extract(m, tok, stories=stories, neutral=neutral, offset=2, progress=False, **kwargs)
+        return extract_tiny_basis(m, tok, **kwargs)
 
     extract(model).save(root / "basis")
     extract(model, layers=[0, 1]).save(root / "basis-01")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TRAIN_CONVERSATIONS, extract_tiny_basis
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,26 +28,6 @@ MAX_STEPS, SAVE_STEPS, KILL_AFTER = 8, 2, 4
 # resumed run must skip exactly one batch of a reshuffled epoch.
 BATCH = 3
 
-CONVERSATIONS = [
-    {
-        "id": f"f{i}",
-        "messages": [
-            {"role": "user", "content": "Run the tests please."},
-            {"role": "tool", "content": "FAILED test_sum: assert 3 == 4" + " again" * i, "tags": ["failure"]},
-            {"role": "assistant", "content": "The test still fails. I will report it plainly.", "tags": ["failure"]},
-        ],
-    }
-    for i in range(4)
-] + [
-    {
-        "id": f"r{i}",
-        "messages": [
-            {"role": "user", "content": "What is the capital of France?"},
-            {"role": "assistant", "content": "Paris." + " Indeed." * i, "tags": ["neutral"]},
-        ],
-    }
-    for i in range(4)
-]
 
 # Runs scripts/train.py's main with a pause after every step, so that the test can kill it between
 # checkpoint-4 and checkpoint-6 on a fast machine too. Nothing else differs from scripts/train.py.
@@ -74,25 +55,12 @@ sys.exit(main())
 @pytest.fixture(scope="module")
 def run_inputs(tiny_chat_model_dir, tmp_path_factory):
     """Training data and a basis for the tiny chat model."""
-    from emotune.basis import EmotionBasis
-    from emotune.corpus import Dialogue, Story
     from emotune.models import load_model
 
     root = tmp_path_factory.mktemp("resume")
-    (root / "data.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    (root / "data.jsonl").write_text("".join(json.dumps(c) + "\n" for c in TRAIN_CONVERSATIONS))
     model, tok = load_model(str(tiny_chat_model_dir))
-    stories = [
-        Story(e, f"{e} the tests failed again and the deploy passed {i}")
-        for e in ("calm", "desperate", "afraid")
-        for i in range(3)
-    ]
-    neutral = [
-        Dialogue(
-            str(i), ({"role": "user", "content": "capital?"}, {"role": "assistant", "content": "Paris" * (i + 1)})
-        )
-        for i in range(4)
-    ]
-    EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False).save(root / "basis")
+    extract_tiny_basis(model, tok).save(root / "basis")
     return root
 
 

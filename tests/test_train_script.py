@@ -11,56 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TRAIN_CONVERSATIONS, extract_tiny_basis
 
 from emotune.train import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CONVERSATIONS = [
-    {
-        "id": f"f{i}",
-        "messages": [
-            {"role": "user", "content": "Run the tests please."},
-            {"role": "tool", "content": "FAILED test_sum: assert 3 == 4" + " again" * i, "tags": ["failure"]},
-            {"role": "assistant", "content": "The test still fails. I will report it plainly.", "tags": ["failure"]},
-        ],
-    }
-    for i in range(4)
-] + [
-    {
-        "id": f"r{i}",
-        "messages": [
-            {"role": "user", "content": "What is the capital of France?"},
-            {"role": "assistant", "content": "Paris." + " Indeed." * i, "tags": ["neutral"]},
-        ],
-    }
-    for i in range(4)
-]
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_chat_model_dir, tmp_path_factory):
     """A recipe, data and basis for the tiny model; returns a function that writes a recipe."""
-    from emotune.basis import EmotionBasis
-    from emotune.corpus import Dialogue, Story
     from emotune.models import load_model
 
     root = tmp_path_factory.mktemp("run")
     data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(c) + "\n" for c in CONVERSATIONS))
+    data.write_text("".join(json.dumps(c) + "\n" for c in TRAIN_CONVERSATIONS))
     model, tok = load_model(str(tiny_chat_model_dir))
-    stories = [
-        Story(e, f"{e} the tests failed again and the deploy passed {i}")
-        for e in ("calm", "desperate", "afraid")
-        for i in range(3)
-    ]
-    neutral = [
-        Dialogue(
-            str(i), ({"role": "user", "content": "capital?"}, {"role": "assistant", "content": "Paris" * (i + 1)})
-        )
-        for i in range(4)
-    ]
-    EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False).save(root / "basis")
+    extract_tiny_basis(model, tok).save(root / "basis")
 
     def recipe(name: str = "r.yaml", **overrides) -> Path:
         body = {

@@ -342,36 +342,22 @@ def memory_probe(args: argparse.Namespace) -> None:
     print(json.dumps({"variant": args.memory_probe, "peak_rise_bytes": rise}))
 
 
-def terms_only_fn(
-    basis: Any, batch: dict[str, torch.Tensor], layers: list[int], emotions: list[str], dtype: torch.dtype
-) -> Callable[[], Any]:
-    """The work the emotion terms add to a step, alone: projections, masked means, logged levels and
-    their backward, on stand-in activations of the real shape (the hooks themselves store a reference)."""
-    from emotune.losses import project, term_loss
-    from emotune.trainer import tag_mask
-
+def terms_only_fn(trainer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> Callable[[], Any]:
+    """The work the emotion terms add to a step, alone: the trainer's own ``terms_loss`` (projections, masked
+    means, logged levels), its backward and the metric flush, on stand-in activations of the real shape (the
+    hooks themselves only store a reference)."""
     b, t = batch["input_ids"].shape
     device = batch["input_ids"].device
-    hidden = {
-        layer: torch.randn(b, t, basis.hidden_size, device=device, dtype=dtype, requires_grad=True) for layer in layers
+    d = trainer.basis.hidden_size
+    store = {
+        layer: torch.randn(b, t, d, device=device, dtype=dtype, requires_grad=True) for layer in trainer.hook_layers
     }
-    vecs = {(layer, e): basis.vector(e, layer)[None].to(device) for layer in layers for e in emotions}
-    bits = {"assistant": 0, "all": 1, "failure": 2}
     attention = batch["attention_mask"].bool()
 
     def run() -> None:
-        aux = torch.zeros((), device=device)
-        levels = []
-        for k, emotion in enumerate(emotions):
-            mask = tag_mask(batch["tag_bits"], ["failure"], bits) & attention
-            for layer in layers:
-                p = project(hidden[layer], vecs[layer, emotion], basis.scale(layer))[..., 0]
-                aux = aux + term_loss("penalize" if k % 2 == 0 else "reward", p.float(), mask, 0.0) / len(layers)
-                with torch.no_grad():
-                    levels.append((p.detach().float() * mask).sum() / mask.sum().clamp_min(1))
-        aux.backward()
-        torch.stack(levels).tolist()  # the one sync per step of the trainer's metric flush
-        for h in hidden.values():
+        trainer.terms_loss(store, batch["tag_bits"], attention).backward()
+        trainer._flush_logs()  # the trainer's one device sync per step
+        for h in store.values():
             h.grad = None
 
     return run
@@ -382,8 +368,8 @@ def bench_scaling(args: argparse.Namespace, model: Any, tok: Any, basis: Any) ->
 
     Two measures: ``overhead`` is the end-to-end step ratio minus 1 (interleaved, but on a shared
     CPU its noise is several percent, larger than the effect); ``terms_cost`` is the time of the
-    terms' own work (``terms_only_fn``), timed alone over many repeats, divided by the plain step:
-    a direct measure of what they add.
+    trainer's own term computation (``terms_only_fn``), timed alone over many repeats, divided by
+    the plain step: a direct measure of what they add.
     """
     import copy
 
@@ -414,7 +400,7 @@ def bench_scaling(args: argparse.Namespace, model: Any, tok: Any, basis: Any) ->
                 fns = {name: step_fn(t, batch, plain=name == "plain SFT") for name, t in trainers.items()}
                 times = interleaved(fns, max(2, args.repeats), args.device)
                 terms = interleaved(
-                    {"terms": terms_only_fn(basis, batch, layers, emotions, dtype)}, 4 * args.repeats, args.device
+                    {"terms": terms_only_fn(trainers["emotune terms"], batch, dtype)}, 4 * args.repeats, args.device
                 )["terms"]
                 rows.append(
                     {

@@ -350,6 +350,33 @@ class EmotuneTrainer(SFTTrainer):
             self._vectors[key] = self.basis.vectors(layer)[idx].to(device)
         return self._vectors[key]
 
+    def terms_loss(
+        self,
+        store: dict[int, torch.Tensor],
+        tag_bits: torch.Tensor,
+        attention: torch.Tensor,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The weighted sum of the recipe's terms on the captured activations ``store`` (``{layer: [B, T, d]}``),
+        before the weight scale and warmup; queues each term's value and masked projection level for logging."""
+        device = next(iter(store.values())).device
+        total = torch.zeros((), device=device)
+        projections = self._term_projections(store, device)
+        for term, layers in zip(self.args.terms, self.term_layers):
+            mask = tag_mask(tag_bits, term.tags, self.tag_bits) & attention
+            for layer in layers:
+                p = projections[layer][..., self._term_columns[layer].index(term.emotion)]
+                value = term_loss(term.form, p.float(), mask, term.value, segments)
+                total = total + term.weight * value / len(layers)
+                suffix = f"@L{layer}" if len(layers) > 1 else ""
+                self._log(f"emotion/{term.name}{suffix}", value.detach())
+                with torch.no_grad():
+                    self._log(
+                        f"emotion/proj_{term.emotion.replace(' ', '_')}@{'+'.join(term.tags)}{suffix}",
+                        (p.detach().float() * mask).sum() / mask.sum().clamp_min(1),
+                    )
+        return total
+
     def _term_projections(self, store: dict[int, torch.Tensor], device: torch.device) -> dict[int, torch.Tensor]:
         """``{layer: [B, T, E_layer]}``: every term's projection at a layer in one product."""
         return {
@@ -411,22 +438,7 @@ class EmotuneTrainer(SFTTrainer):
         scale = config.emotion_weight_scale * warmup_factor(
             self.state.global_step, self.state.max_steps, config.emotion_warmup_ratio
         )
-        aux = lm_loss.new_zeros(())
-        projections = self._term_projections(store, lm_loss.device)
-        for term, layers in zip(config.terms, self.term_layers):
-            mask = tag_mask(tag_bits, term.tags, self.tag_bits) & attention
-            for layer in layers:
-                p = projections[layer][..., self._term_columns[layer].index(term.emotion)]
-                value = term_loss(term.form, p.float(), mask, term.value, segments)
-                aux = aux + scale * term.weight * value / len(layers)
-                suffix = f"@L{layer}" if len(layers) > 1 else ""
-                self._log(f"emotion/{term.name}{suffix}", value.detach())
-                with torch.no_grad():
-                    denom = mask.sum().clamp_min(1)
-                    self._log(
-                        f"emotion/proj_{term.emotion.replace(' ', '_')}@{'+'.join(term.tags)}{suffix}",
-                        (p.detach().float() * mask).sum() / denom,
-                    )
+        aux = scale * self.terms_loss(store, tag_bits, attention, segments)
         if base is not None:
             mask = tag_mask(tag_bits, config.drift_tags, self.tag_bits) & attention
             drift = lm_loss.new_zeros(())

@@ -153,3 +153,61 @@ def extract_tiny_basis(model, tok, **kwargs):
         for i in range(4)
     ]
     return EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False, **kwargs)
+
+
+def tiny_recipe(model_dir, data, basis, output_dir, **overrides):
+    """A recipe for scripts/train.py on the tiny chat model: LoRA on q/v, two terms at layer 2, CPU, no logging.
+    ``overrides`` change keys; an override of ``...`` removes the key."""
+    body = {
+        "model_name_or_path": str(model_dir),
+        "dataset": str(data),
+        "basis": str(basis),
+        "output_dir": str(output_dir),
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "emotion_layers": [2],
+        "emotion_terms": [
+            {"emotion": "desperate", "form": "penalize", "weight": 1.0, "tags": ["failure"]},
+            {"emotion": "calm", "form": "reward", "weight": 1.0, "tags": ["failure"], "target": 0.2},
+        ],
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "logging_steps": 1,
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "max_length": 96,
+    }
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+def tiny_eval_setup():
+    """``(model, tokenizer, basis)`` for evaluator tests: the tiny chat-template model and a basis of the emotions
+    the evaluator measures (calm, desperate and the ones the concealment check re-extracts)."""
+    import random
+
+    from emotune.basis import EmotionBasis
+    from emotune.corpus import Dialogue, Story
+    from emotune.evaluate.run import CONCEALMENT_EMOTIONS
+
+    tok = tiny_fast_tokenizer()
+    model = tiny_llama(layers=4, hidden=32, vocab=len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    rng = random.Random(0)
+    words = ["tests", "failed", "green", "deploy", "the", "assistant", "user"]
+    emotions = ("calm", "desperate", *CONCEALMENT_EMOTIONS)
+    stories = [Story(e, f"{e} " + " ".join(rng.choice(words) for _ in range(12))) for e in emotions for _ in range(3)]
+    neutral = [
+        Dialogue(
+            str(i),
+            ({"role": "user", "content": "capital of France"}, {"role": "assistant", "content": "Paris" + " ok" * i}),
+        )
+        for i in range(6)
+    ]
+    basis = EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False)
+    return model, tok, basis

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CharTokenizer, extract_tiny_basis, tiny_fast_tokenizer, tiny_llama
+from conftest import CharTokenizer, extract_tiny_basis, tiny_fast_tokenizer, tiny_llama, tiny_recipe
 
 from emotune.errors import EmotuneError
 
@@ -154,30 +154,8 @@ def world(tiny_chat_model_dir, tmp_path_factory):
 
 
 def write_recipe(world: Any, path: Path, out: Path, **overrides: Any) -> Path:
-    body = {
-        "model_name_or_path": world.model_dir,
-        "dataset": str(world.root / "data.jsonl"),
-        "basis": str(world.root / "basis"),
-        "output_dir": str(out),
-        "use_peft": True,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_target_modules": ["q_proj", "v_proj"],
-        "emotion_layers": [2],
-        "emotion_terms": [
-            {"emotion": "desperate", "form": "penalize", "weight": 1.0, "tags": ["failure"]},
-            {"emotion": "calm", "form": "reward", "weight": 1.0, "tags": ["failure"], "target": 0.2},
-        ],
-        "max_steps": 1,
-        "per_device_train_batch_size": 2,
-        "use_cpu": True,
-        "bf16": False,
-        "report_to": "none",
-        "save_strategy": "no",
-        "max_length": 96,
-    }
-    body.update(overrides)
-    path.write_text(yaml.safe_dump({k: v for k, v in body.items() if v is not ...}))
+    body = tiny_recipe(world.model_dir, world.root / "data.jsonl", world.root / "basis", out, max_steps=1, **overrides)
+    path.write_text(yaml.safe_dump(body))
     return path
 
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_fast_tokenizer, tiny_llama
+from conftest import tiny_eval_setup
 from peft import LoraConfig, get_peft_model
-
-from emotune.basis import EmotionBasis
-from emotune.corpus import Dialogue, Story
-from emotune.evaluate.run import CONCEALMENT_EMOTIONS
 
 # Every section but generation (sampled; covered below on fewer prompts and tokens, for time).
 SECTIONS = ("activations", "concealment", "behaviour", "capability", "steering")
@@ -22,24 +17,7 @@ TIMING_KEYS = {"timing", "duration", "seconds"}  # wall-clock figures: the only 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = tiny_fast_tokenizer()
-    model = tiny_llama(layers=4, hidden=32, vocab=len(tok))
-    model.config.pad_token_id = tok.pad_token_id
-    rng = random.Random(0)
-    words = ["tests", "failed", "green", "deploy", "the", "assistant", "user"]
-    stories = [
-        Story(e, f"{e} " + " ".join(rng.choice(words) for _ in range(12)))
-        for e in ("calm", "desperate", *CONCEALMENT_EMOTIONS)  # what the concealment check re-extracts
-        for _ in range(3)
-    ]
-    neutral = [
-        Dialogue(
-            str(i),
-            ({"role": "user", "content": "capital of France"}, {"role": "assistant", "content": "Paris" + " ok" * i}),
-        )
-        for i in range(6)
-    ]
-    basis = EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False)
+    model, tok, basis = tiny_eval_setup()
     torch.manual_seed(0)
     adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     return adapted, tok, basis

@@ -3,41 +3,23 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_fast_tokenizer, tiny_llama
+from conftest import tiny_eval_setup, tiny_llama
 from peft import LoraConfig, get_peft_model
 
 from emotune.basis import EmotionBasis
-from emotune.corpus import Dialogue, Story
 from emotune.errors import ConfigError, DataError
 from emotune.evaluate.behaviour import load_scenarios
 from emotune.evaluate.concealment import compare_bases
-from emotune.evaluate.run import CONCEALMENT_EMOTIONS
 from emotune.evaluate.scoring import score_continuations, score_separately
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = tiny_fast_tokenizer()
-    model = tiny_llama(layers=4, hidden=32, vocab=len(tok))
-    model.config.pad_token_id = tok.pad_token_id
-    rng = random.Random(0)
-    words = ["tests", "failed", "green", "deploy", "the", "assistant", "user"]
-    emotions = ("calm", "desperate", *CONCEALMENT_EMOTIONS)  # what the concealment check re-extracts
-    stories = [Story(e, f"{e} " + " ".join(rng.choice(words) for _ in range(12))) for e in emotions for _ in range(3)]
-    neutral = [
-        Dialogue(
-            str(i),
-            ({"role": "user", "content": "capital of France"}, {"role": "assistant", "content": "Paris" + " ok" * i}),
-        )
-        for i in range(6)
-    ]
-    basis = EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False)
-    return model, tok, basis
+    return tiny_eval_setup()
 
 
 def test_choice_scoring_equals_a_hand_computation(tiny):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TRAIN_CONVERSATIONS, extract_tiny_basis
+from conftest import TRAIN_CONVERSATIONS, extract_tiny_basis, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,36 +65,27 @@ def run_inputs(tiny_chat_model_dir, tmp_path_factory):
 
 
 def write_recipe(root: Path, model_dir: Path, out: Path) -> Path:
-    body = {
-        "model_name_or_path": str(model_dir),
-        "dataset": str(root / "data.jsonl"),
-        "basis": str(root / "basis"),
-        "output_dir": str(out),
-        "use_peft": True,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.1,  # draws from the RNG at every step: the resumed run must restore its state
-        "lora_target_modules": ["q_proj", "v_proj"],
-        "emotion_layers": [2],
+    body = tiny_recipe(
+        model_dir,
+        root / "data.jsonl",
+        root / "basis",
+        out,
+        lora_dropout=0.1,  # draws from the RNG at every step: the resumed run must restore its state
         # terms that are active on this random model from the first step, so the aux loss shapes the weights
-        "emotion_terms": [
+        emotion_terms=[
             {"emotion": "calm", "form": "penalize", "weight": 1.0, "tags": ["failure"]},
             {"emotion": "desperate", "form": "reward", "weight": 1.0, "tags": ["failure"], "target": 0.5},
         ],
-        "drift_weight": 0.1,
-        "max_steps": MAX_STEPS,
-        "per_device_train_batch_size": BATCH,
-        "learning_rate": 0.01,
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": SAVE_STEPS,
-        "seed": 7,
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "report_to": "wandb",
-        "max_length": 64,
-    }
+        drift_weight=0.1,
+        max_steps=MAX_STEPS,
+        per_device_train_batch_size=BATCH,
+        learning_rate=0.01,
+        save_strategy="steps",
+        save_steps=SAVE_STEPS,
+        seed=7,
+        report_to="wandb",
+        max_length=64,
+    )
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(body))
     return path

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TRAIN_CONVERSATIONS, extract_tiny_basis
+from conftest import TRAIN_CONVERSATIONS, extract_tiny_basis, tiny_recipe
 
 from emotune.train import parse_recipe
 
@@ -30,31 +30,7 @@ def tiny_run(tiny_chat_model_dir, tmp_path_factory):
     extract_tiny_basis(model, tok).save(root / "basis")
 
     def recipe(name: str = "r.yaml", **overrides) -> Path:
-        body = {
-            "model_name_or_path": str(tiny_chat_model_dir),
-            "dataset": str(data),
-            "basis": str(root / "basis"),
-            "output_dir": str(root / name.replace(".yaml", "")),
-            "use_peft": True,
-            "lora_r": 4,
-            "lora_alpha": 8,
-            "lora_target_modules": ["q_proj", "v_proj"],
-            "emotion_layers": [2],
-            "emotion_terms": [
-                {"emotion": "desperate", "form": "penalize", "weight": 1.0, "tags": ["failure"]},
-                {"emotion": "calm", "form": "reward", "weight": 1.0, "tags": ["failure"], "target": 0.2},
-            ],
-            "max_steps": 2,
-            "per_device_train_batch_size": 2,
-            "logging_steps": 1,
-            "use_cpu": True,
-            "bf16": False,
-            "gradient_checkpointing": False,
-            "report_to": "none",
-            "save_strategy": "no",
-            "max_length": 96,
-        }
-        body.update(overrides)
+        body = tiny_recipe(tiny_chat_model_dir, data, root / "basis", root / name.replace(".yaml", ""), **overrides)
         path = root / name
         path.write_text(yaml.safe_dump(body))
         return path

@@ -155,7 +155,7 @@ def extract_tiny_basis(model, tok, **kwargs):
     return EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False, **kwargs)
 
 
-def tiny_recipe(model_dir, data, basis, output_dir, **overrides):
+def tiny_recipe(model_dir, data, basis, output_dir, /, **overrides):
     """A recipe for scripts/train.py on the tiny chat model: LoRA on q/v, two terms at layer 2, CPU, no logging.
     ``overrides`` change keys; an override of ``...`` removes the key."""
     body = {

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from emotune import __version__
 from emotune.catalog import check_emotions
-from emotune.corpus import Dialogue, Story, iter_dialogues, iter_stories
+from emotune.corpus import Dialogue, Story, iter_dialogues, iter_stories, shipped_path
 from emotune.errors import ConfigError, DataError
 from emotune.hooks import StopForward, capture
 from emotune.io import atomic_dir, write_json_atomic
@@ -841,7 +841,14 @@ def cached_basis(model: Any, tokenizer: Any, layers: int | list[int] | str | Non
             _span(shipped.layers),
         )
         return shipped
-    path = cache_dir() / "bases" / f"{model_fingerprint(model)}-{'_'.join(map(str, ids)) if ids else 'all'}"
+    # keyed by model, layers, the shipped corpus (its bytes) and the extraction code's version, so that runs share
+    # one extraction and an upgrade never reuses a basis from another corpus or method
+    corpus = hashlib.sha256(__version__.encode())
+    for name in ("stories", "neutral"):
+        for file in sorted(shipped_path(name).glob("*.jsonl")):
+            corpus.update(file.read_bytes())
+    layer_key = "_".join(map(str, ids)) if ids else "all"
+    path = cache_dir() / "bases" / f"{model_fingerprint(model)}-{layer_key}-{corpus.hexdigest()[:12]}"
     if (path / META_FILE).exists():
         log.warning("Using the cached basis %s", path)
         return EmotionBasis.load(path)

@@ -212,10 +212,12 @@ def _python_mounts() -> list[str]:
     lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
     if os.path.isfile(lib):
         paths.add(os.path.realpath(lib))
-    args: list[str] = []
-    for p in sorted(paths):
-        if not p.startswith("/usr/"):
-            args += ["--ro-bind", p, p]
+    outside = sorted(p for p in paths if not p.startswith("/usr/"))
+    # bwrap would copy each parent's host mode (a 0700 home would lock nobody out): create them 0755
+    parents = sorted({str(a) for p in outside for a in Path(p).parents if str(a) != "/"}, key=len)
+    args = [x for a in parents for x in ("--perms", "0755", "--dir", a)]
+    for p in outside:
+        args += ["--ro-bind", p, p]
     hidden = {sysconfig.get_path(k, vars=v) for k in ("purelib", "platlib") for v in (None, {"base": sys.base_prefix})}
     for p in sorted(hidden):
         if os.path.isdir(p) and any(p.startswith(s + os.sep) for s in paths | {"/usr"}):
@@ -362,10 +364,11 @@ def _collect(
                 kept[key.data] += chunk[: max(0, cap - len(kept[key.data]))]
                 if sum(seen.values()) > drain_cap:
                     kill_reason = "output_limit"
-    try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()) if kill_reason is None else 0)
-    except subprocess.TimeoutExpired:
-        kill_reason = "timeout"
+    if kill_reason is None:  # the pipes closed: wait for the exit, or until the deadline
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill_reason = "timeout"
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:

@@ -227,7 +227,7 @@ def test_an_adapter_for_another_base_model_is_refused(tiny, tmp_path):
 
 
 def test_judge_model_labels_free_text(tiny_chat_model_dir):
-    from emotune.evaluate.generation import judge
+    from emotune.evaluate.agentic.generation import judge
     from emotune.models import load_model
 
     model, tok = load_model(str(tiny_chat_model_dir))

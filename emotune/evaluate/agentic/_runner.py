@@ -21,6 +21,7 @@ import resource
 import sys
 import traceback
 import types
+from typing import Any
 
 
 def _main() -> None:
@@ -82,7 +83,7 @@ def _main() -> None:
     plain = set(names) - set(cfg["decorated"])  # a decorated test's code is its decorator's wrapper
     failed = False
     for name in names:
-        fn = module.__dict__.get(name)
+        fn: Any = module.__dict__.get(name)
         if not isinstance(fn, types.FunctionType) or fn is not defined[name]:
             problem = "was replaced or is not a function"
         elif name in plain and (fn.__code__ is not compiled.get(name) or fn.__globals__ is not module.__dict__):

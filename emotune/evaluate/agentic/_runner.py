@@ -78,7 +78,7 @@ def _main() -> None:
         for name in names:
             report(type="test", name=name, outcome="error")
         os._exit(1)
-    defined = {name: module.__dict__.get(name) for name in names}
+    defined: dict[str, Any] = {name: module.__dict__.get(name) for name in names}
     compiled = {c.co_name: c for c in code.co_consts if isinstance(c, types.CodeType)}
     plain = set(names) - set(cfg["decorated"])  # a decorated test's code is its decorator's wrapper
     failed = False

@@ -153,7 +153,9 @@ print(readout.top(0))  # the five highest-reading emotions, centred, in units of
 ## Training
 
 - base model: `{{ base_model }}` (emotune name `{{ model_name }}`, revision `{{ revision }}`)
-- emotion layers: {{ layers }}
+{% if embedded %}- trained on emotune's embedded copy of the base (dequantised from a GGUF file); the hub's weights may
+  read slightly differently. `emotune.load_model("{{ model_name }}")` loads the same copy.
+{% endif %}- emotion layers: {{ layers }}
 - drift weight: {{ drift_weight }}
 - seed: {{ seed }}
 {% if wandb_url %}- Weights & Biases run: {{ wandb_url }}
@@ -235,23 +237,23 @@ def report_shifts(report: dict[str, Any] | None) -> list[dict[str, Any]]:
     return rows
 
 
-HEADLINE = (  # (name, path under base/adapted, digits)
-    ("unethical choice rate, high pressure", ("behaviour", "{side}", "high", "rate"), 3),
-    ("pressure gap (high - none)", ("behaviour", "{side}", "pressure_gap"), 3),
-    ("perplexity, held-out neutral text", ("capability", "{side}", "perplexity", "perplexity"), 2),
-    ("multiple-choice accuracy", ("capability", "{side}", "mcq", "rate"), 3),
+HEADLINE = (  # (name, metric type, path with {side} for base/adapted, digits)
+    ("unethical choice rate, high pressure", "unethical_rate_high", ("behaviour", "{side}", "high", "rate"), 3),
+    ("pressure gap (high - none)", "pressure_gap", ("behaviour", "{side}", "pressure_gap"), 3),
+    ("perplexity, held-out neutral text", "perplexity", ("capability", "{side}", "perplexity", "perplexity"), 2),
+    ("multiple-choice accuracy", "mcq_accuracy", ("capability", "{side}", "mcq", "rate"), 3),
 )
 
 
 def report_headline(report: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Behaviour and capability numbers, base against adapted, for whichever the report holds."""
     rows = []
-    for name, path, digits in HEADLINE:
+    for name, metric, path, digits in HEADLINE:
         values = {side: _number(_get(report, *[p.format(side=side) for p in path])) for side in ("base", "adapted")}
         if values["base"] is None and values["adapted"] is None:
             continue
         shown = {side: "n/a" if v is None else f"{v:.{digits}f}" for side, v in values.items()}
-        rows.append({"name": name, **shown, "values": values})
+        rows.append({"name": name, "metric": metric, **shown, "values": values})
     return rows
 
 
@@ -262,7 +264,7 @@ def _eval_results(report: dict[str, Any] | None) -> list[Any]:
         EvalResult(
             task_type="text-generation",
             task_name="emotion projection shift",
-            dataset_type="emotune-contexts",
+            dataset_type=f"emotune-contexts-{row['set']}",  # the hub groups results by task and dataset type
             dataset_name=f"emotune held-out contexts ({row['set']})",
             metric_type=f"shift_{row['emotion']}_L{row['layer']}",
             metric_name=f"{row['emotion']} shift at layer {row['layer']} ({row['set']})",
@@ -278,7 +280,7 @@ def _eval_results(report: dict[str, Any] | None) -> list[Any]:
                     task_name=row["name"],
                     dataset_type="emotune-eval",
                     dataset_name="emotune evaluation sets",
-                    metric_type=row["name"].split(",")[0].replace(" ", "_"),
+                    metric_type=row["metric"],
                     metric_name=row["name"],
                     metric_value=round(row["values"]["adapted"], 4),
                 )
@@ -384,6 +386,7 @@ def model_card(
         ),
         repo_id=repo_id or "<this repo or folder>",
         model_name=model_name,
+        embedded=bool(source.get("embedded")),
         revision=run.get("revision") or recipe.get("model_revision") or "main",
         layers=recipe.get("emotion_layers") or getattr(basis, "default_layer", "the basis's default"),
         drift_weight=recipe.get("drift_weight", 0.0),

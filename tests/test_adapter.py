@@ -102,7 +102,8 @@ def test_the_card_shows_the_eval_report_as_tables_and_a_model_index(tmp_path, ba
     calm = report["activations"]["sets"]["failure"]["layers"]["18"]["targeted"][0]
     assert calm["emotion"] == "calm"
     assert f"| calm | 18 | failure | {calm['base']:+.3f} | {calm['adapted']:+.3f} | {calm['shift']:+.3f} |" in card
-    assert f"| perplexity, held-out neutral text | {report['capability']['base']['perplexity']['perplexity']:.2f}" in card
+    perplexity = report["capability"]["base"]["perplexity"]["perplexity"]
+    assert f"| perplexity, held-out neutral text | {perplexity:.2f}" in card
     index = card_metadata(card)["model-index"][0]["results"]
     metrics = {(r["dataset"]["name"], m["type"]): m["value"] for r in index for m in r["metrics"]}
     assert metrics["emotune held-out contexts (failure)", "shift_calm_L18"] == round(calm["shift"], 4)
@@ -111,7 +112,8 @@ def test_the_card_shows_the_eval_report_as_tables_and_a_model_index(tmp_path, ba
 
 
 def test_a_report_of_another_schema_is_read_for_what_it_has(basis):
-    partial = {"activations": {"sets": {"failure": {"layers": {"3": {"targeted": [{"emotion": "calm", "shift": 0.1}]}}}}}}
+    row = {"emotion": "calm", "shift": 0.1}
+    partial = {"activations": {"sets": {"failure": {"layers": {"3": {"targeted": [row]}}}}}}
     assert [(r["emotion"], r["layer"], r["ci"]) for r in report_shifts(partial)] == [("calm", "3", "n/a")]
     assert report_headline(partial) == []
     for odd in ({}, {"activations": []}, {"behaviour": {"base": "x"}}, {"capability": {"adapted": {"mcq": 3}}}):

@@ -175,4 +175,3 @@ def test_push_without_a_token_is_refused_before_any_upload(world, local_hub, mon
     with pytest.raises(ConfigError, match="no Hugging Face token"):
         world[2].push_to_hub("me/x")
     assert local_hub.commits == []
-

@@ -71,7 +71,8 @@ def test_export_without_a_report_pushes_adapter_and_basis(trained, local_hub):
     shutil.rmtree(trained.parent / "eval")
     push_adapter(trained, "me/x", token="hf_test")
     [commit] = local_hub.commits
-    assert commit["message"] == "Upload emotune adapter, basis" and not any(p.startswith("eval/") for p in commit["paths"])
+    assert commit["message"] == "Upload emotune adapter, basis"
+    assert not any(p.startswith("eval/") for p in commit["paths"])
     assert "Not measured yet" in (local_hub.root / "me" / "x" / "README.md").read_text()
 
 

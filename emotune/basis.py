@@ -737,8 +737,9 @@ class EmotionBasis:
             ) from None
         except LocalEntryNotFoundError:  # subclass of EntryNotFoundError in some versions: test it first
             raise EmotuneError(
-                f"{where}: the basis is not in the local hub cache and the hub cannot be reached (offline or "
-                "HF_HUB_OFFLINE=1). Download it once with network access, or pass a local basis folder."
+                f"{where}: no local folder of that name, and no such hub basis in the local hub cache while the "
+                "hub cannot be reached (offline or HF_HUB_OFFLINE=1). Check the path, download it once with "
+                "network access, or pass a local basis folder."
             ) from None
         except RevisionNotFoundError:
             raise ConfigError(

@@ -13,16 +13,26 @@ _LAZY = {
     "EmotionBasis": "emotune.basis",
     "EMOTIONS": "emotune.catalog",
     "EmotuneError": "emotune.errors",
+    "steered": "emotune.steer",
+    "Readout": "emotune.basis",
 }
 
 if TYPE_CHECKING:
-    from emotune.basis import EmotionBasis
+    from emotune.basis import EmotionBasis, Readout
     from emotune.catalog import EMOTIONS
     from emotune.errors import EmotuneError
     from emotune.models import load_model
+    from emotune.steer import steered
+
+# `steer` is the submodule emotune.steer, which is callable: `with steer(model, basis, "calm", 0.1):` steers, like
+# `steered`. A plain attribute of that name would be replaced by the submodule whenever something imports it.
 
 
 def __getattr__(name: str) -> Any:
+    if name == "steer":
+        import importlib
+
+        return importlib.import_module("emotune.steer")
     if name in _LAZY:
         import importlib
 
@@ -30,4 +40,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'emotune' has no attribute {name!r}")
 
 
-__all__ = ["EMOTIONS", "EmotionBasis", "EmotuneError", "load_model", "__version__"]
+__all__ = ["EMOTIONS", "EmotionBasis", "EmotuneError", "Readout", "load_model", "steer", "steered", "__version__"]

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from emotune import __version__
 from emotune.catalog import check_emotions
 from emotune.corpus import Dialogue, Story, iter_dialogues, iter_stories, shipped_path
-from emotune.errors import ConfigError, DataError
+from emotune.errors import ConfigError, DataError, EmotuneError
 from emotune.hooks import StopForward, capture
 from emotune.io import atomic_dir, write_json_atomic
 from emotune.models import model_fingerprint, model_source, num_layers, resolve_layers
@@ -422,6 +422,22 @@ def sample_indices(n: int, size: int, seed: int) -> torch.Tensor:
 
 
 @dataclass
+class Readout:
+    """What :meth:`EmotionBasis.measure` returns: centred projections in units of r_l."""
+
+    emotions: list[str]
+    layer: int
+    per_text: torch.Tensor  # [n_texts, n_emotions], mean over each text's tokens from the offset on
+    per_token: list[torch.Tensor] | None  # per text [n_tokens, n_emotions], with per_token=True
+    token_ids: list[list[int]]  # each text's tokens, to label per_token rows
+
+    def top(self, index: int = 0, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` highest-reading emotions of text ``index``."""
+        values, order = self.per_text[index].topk(min(k, len(self.emotions)))
+        return [(self.emotions[int(i)], float(v)) for v, i in zip(values, order)]
+
+
+@dataclass
 class EmotionBasis:
     """Unit emotion vectors at one or more layers of one model.
 
@@ -438,6 +454,9 @@ class EmotionBasis:
     neutral_pcs: list[torch.Tensor]  # per layer, [k_l, d]
     default_layer: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    # [L, d]: the mean feature of the extraction's stories, the centre that validation subtracts before
+    # scoring (trap 15); None for bases saved before it was stored
+    centre: torch.Tensor | None = None
 
     # -- access ---------------------------------------------------------------------------
 
@@ -484,6 +503,69 @@ class EmotionBasis:
         vecs = vecs.to(device=hidden.device, dtype=hidden.dtype)
         return hidden @ vecs.T / self.scale(layer)
 
+    @torch.no_grad()
+    def measure(
+        self,
+        model: Any,
+        tokenizer: Any,
+        texts_or_conversations: Sequence[str | Sequence[dict[str, str]]],
+        layer: int | None = None,
+        per_token: bool = False,
+        *,
+        offset: int | None = None,
+        batch_size: int = 16,
+    ) -> Readout:
+        """Read the emotions of texts (or chat conversations, rendered with the chat template) at ``layer``.
+
+        Each token's hidden state is centred on the extraction stories' mean feature, the centre the
+        validation subtracts before scoring (an uncentred projection carries the grand mean's projection, which
+        differs per emotion: trap 15), then projected and divided by r_l. ``per_text`` is the mean over each
+        text's tokens from ``offset`` on (default: the offset the basis was extracted with, which skips the
+        first tokens' attention-sink spike); ``per_token`` adds every token's readout.
+        """
+        slot = self._slot(layer)
+        layer_id = self.layers[slot]
+        if self.centre is None:
+            raise DataError(
+                "this basis has no stored story centre (it was saved by an older emotune), so the centred readout "
+                "cannot be computed. Re-extract the basis, or use basis.project(hidden) for uncentred projections."
+            )
+        start = int(self.metadata.get("settings", {}).get("offset", 0)) if offset is None else offset
+        texts = [t if isinstance(t, str) else render_dialogue(tokenizer, t) for t in texts_or_conversations]
+        if not texts:
+            raise DataError("measure: no texts given. Pass at least one text or conversation.")
+        sequences: list[list[int]] = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        for i, seq in enumerate(sequences):
+            if len(seq) <= start:
+                raise DataError(
+                    f"measure: text {i} has {len(seq)} tokens, not more than the offset ({start}). "
+                    "Lengthen it, or pass a smaller offset=."
+                )
+        device = next(model.parameters()).device
+        vecs, centre, scale = self.vectors(layer_id), self.centre[slot], self.scale(layer_id)
+        per_text = torch.zeros(len(texts), len(self.emotions))
+        tokens: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        was_training = model.training
+        model.eval()
+        try:
+            with capture(model, [layer_id], stop_after_last=True) as store:
+                for rows in length_batches([len(s) for s in sequences], batch_size):
+                    ids, mask, positions = pad_batch([sequences[i] for i in rows], tokenizer.pad_token_id)
+                    with suppress(StopForward):
+                        model(
+                            input_ids=ids.to(device),
+                            attention_mask=mask.to(device),
+                            position_ids=positions.to(device),
+                            use_cache=False,
+                        )
+                    readout = (store[layer_id].float().cpu() - centre) @ vecs.T / scale  # [b, T, E]
+                    for j, i in enumerate(rows):
+                        tokens[i] = readout[j, : len(sequences[i])]
+                        per_text[i] = tokens[i][start:].mean(0)
+        finally:
+            model.train(was_training)
+        return Readout(list(self.emotions), layer_id, per_text, tokens if per_token else None, sequences)
+
     def subset(self, emotions: Sequence[str]) -> EmotionBasis:
         idx = [self.index(e) for e in emotions]
         return EmotionBasis(
@@ -495,6 +577,7 @@ class EmotionBasis:
             list(self.neutral_pcs),
             self.default_layer,
             dict(self.metadata),
+            None if self.centre is None else self.centre.clone(),
         )
 
     def __repr__(self) -> str:
@@ -545,6 +628,8 @@ class EmotionBasis:
         }
         for layer, pcs in zip(self.layers, self.neutral_pcs):
             tensors[f"neutral_pcs.{layer}"] = pcs.contiguous()
+        if self.centre is not None:
+            tensors["centre"] = self.centre.contiguous()
         meta = dict(
             self.metadata,
             emotions=self.emotions,
@@ -601,7 +686,96 @@ class EmotionBasis:
         pcs = [tensors.get(f"neutral_pcs.{layer}", torch.zeros(0, shape[-1])) for layer in layers]
         default = int(meta.get("default_layer", layers[0]))
         meta = {k: v for k, v in meta.items() if k not in ("emotions", "layers", "default_layer", "hidden_size")}
-        return cls(emotions, layers, tensors["denoised"], tensors["raw"], tensors["resid_norm"], pcs, default, meta)
+        centre = tensors.get("centre")  # absent in bases saved before it was stored: measure() then says so
+        bad_centre = centre is not None and (
+            tuple(centre.shape) != (len(layers), shape[-1]) or not torch.isfinite(centre).all()
+        )
+        if centre is not None and bad_centre:
+            raise DataError(
+                f"{tensor_path}: tensor 'centre' has shape {tuple(centre.shape)} or non-finite values, expected "
+                f"{len(layers)} x {shape[-1]}. Re-extract the basis."
+            )
+        return cls(
+            emotions, layers, tensors["denoised"], tensors["raw"], tensors["resid_norm"], pcs, default, meta, centre
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_or_path: str | Path,
+        subfolder: str | None = None,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+    ) -> EmotionBasis:
+        """Load a basis from a local folder or a hub repo (``subfolder="basis"`` for an adapter's own basis).
+
+        Only ``basis.safetensors`` and ``basis.json`` are downloaded and read: nothing executable or pickled.
+        """
+        local = Path(repo_or_path) / (subfolder or "")
+        if local.is_dir() or Path(repo_or_path).is_dir():
+            return cls.load(local)
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        where = f"{repo_or_path}" + (f" (subfolder {subfolder})" if subfolder else "")
+        try:
+            files = [
+                hf_hub_download(str(repo_or_path), name, subfolder=subfolder or None, revision=revision, token=token)
+                for name in (META_FILE, BASIS_FILE)
+            ]
+        except HFValidationError:
+            raise ConfigError(
+                f"{repo_or_path}: neither a local folder nor a hub repo id. Pass a basis folder written by "
+                "`emotune extract`, or a hub id like user/name."
+            ) from None
+        except LocalEntryNotFoundError:  # subclass of EntryNotFoundError in some versions: test it first
+            raise EmotuneError(
+                f"{where}: no local folder of that name, and no such hub basis in the local hub cache while the "
+                "hub cannot be reached (offline or HF_HUB_OFFLINE=1). Check the path, download it once with "
+                "network access, or pass a local basis folder."
+            ) from None
+        except RevisionNotFoundError:
+            raise ConfigError(
+                f"{where}: no revision {revision!r} in this hub repo. Check --revision (a branch, tag or commit)."
+            ) from None
+        except RepositoryNotFoundError:
+            raise ConfigError(
+                f"{where}: no such repo on the hub (or it is private). Check the id, and log in with "
+                "`hf auth login` for a private repo."
+            ) from None
+        except EntryNotFoundError:
+            raise DataError(
+                f"{where}: no {META_FILE} and {BASIS_FILE} there. Point at the folder that holds them "
+                "(an adapter's basis is in subfolder='basis')."
+            ) from None
+        return cls.load(Path(files[0]).parent)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        subfolder: str | None = None,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str = "Upload emotune emotion basis",
+    ) -> str:
+        """Upload this basis (``basis.safetensors`` + ``basis.json``) to ``repo_id`` in one commit; returns its URL."""
+        import tempfile
+
+        from emotune.export import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="emotune-basis-") as tmp:
+            folder = self.save(Path(tmp) / "basis")
+            return push_folder(
+                {folder: subfolder or ""}, repo_id, private=private, token=token, commit_message=commit_message
+            )
 
     # -- extraction ------------------------------------------------------------------------
 
@@ -723,6 +897,8 @@ class EmotionBasis:
                 into = slot[index]
                 kept[into[into >= 0]] = out[into >= 0]
         raw, denoised = vectors_from_sums(*sums.total(), pcs, method, sample=(kept, labels[keep]))
+        all_sums, all_counts = sums.total()
+        centre = (all_sums.sum(0) / all_counts.sum()).float()  # the centre cross_validate uses, over all folds
 
         tokens = neutral_stats.n_tokens_total + story_stats.n_tokens_total
         meta: dict[str, Any] = {
@@ -772,6 +948,7 @@ class EmotionBasis:
             pcs,
             default_layer if default_layer is not None else best,
             meta,
+            centre,
         )
 
 

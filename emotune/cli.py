@@ -1,4 +1,4 @@
-"""The `emotune` command: extract | stories | eval | steer | export | emotions.
+"""The `emotune` command: extract | stories | eval | steer | export | export-basis | emotions.
 
 Errors the user can fix (EmotuneError) print one line and exit 2, with no traceback.
 """
@@ -193,7 +193,33 @@ def cmd_steer(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from emotune.export import push_adapter
 
-    print(f"pushed {args.adapter} to {push_adapter(args.adapter, args.repo, private=args.private)}")
+    adapter = args.adapter or args.adapter_flag
+    if not adapter:
+        raise ConfigError("export: no adapter given. Pass the adapter folder: emotune export ADAPTER --repo-id ID.")
+    url = push_adapter(adapter, args.repo_id, report=args.report, private=args.private, keep_card=args.keep_card)
+    print(f"pushed {adapter} to {url}")
+
+
+def cmd_export_basis(args: argparse.Namespace) -> None:
+    from emotune.basis import EmotionBasis
+    from emotune.catalog import check_emotions
+    from emotune.export import export_llamacpp, export_lm_eval
+    from emotune.models import resolve_layers
+
+    emotion = check_emotions([args.emotion], where="--emotion")[0]
+    basis = EmotionBasis.from_pretrained(args.basis, args.subfolder, revision=args.revision)
+    layers = None
+    if args.layers:
+        try:  # negative layers count from the end of the model the basis came from
+            layers = resolve_layers(int(basis.metadata.get("num_layers") or max(basis.layers) + 1), args.layers)
+        except ConfigError as exc:
+            raise ConfigError(f"--layers {args.layers}: {exc}") from None
+    if args.format == "llamacpp":
+        out = export_llamacpp(basis, emotion, args.strength, args.out, layers)
+        print(f"wrote {out}: run llama.cpp with --control-vector {out}")
+    else:
+        out = export_lm_eval(basis, emotion, args.strength, args.out, layers, hookpoint=args.hookpoint)
+        print(f"wrote {out}: lm_eval --model steered --model_args pretrained=MODEL,steer_path={out} ...")
 
 
 def cmd_emotions(args: argparse.Namespace) -> None:
@@ -297,11 +323,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_steer)
 
-    p = sub.add_parser("export", help="upload an adapter folder to the Hugging Face Hub")
-    p.add_argument("--adapter", required=True, help="<output_dir>/adapter")
-    p.add_argument("--repo", required=True, help="hub repo id, e.g. you/smollm2-calm")
-    p.add_argument("--private", action="store_true")
+    p = sub.add_parser(
+        "export",
+        help="upload an adapter folder, its basis and its eval report to the Hugging Face Hub in one commit",
+        epilog="example: emotune export runs/calm/adapter --repo-id you/smollm2-calm --report runs/calm/eval",
+    )
+    p.add_argument("adapter", nargs="?", default=None, help="the adapter folder (<output_dir>/adapter)")
+    p.add_argument("--adapter", dest="adapter_flag", default=None, help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--repo-id", "--repo", dest="repo_id", required=True, help="hub repo id, e.g. you/smollm2-calm")
+    p.add_argument(
+        "--report", default=None, help="eval report folder to publish with it (default: eval/ beside the adapter)"
+    )
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument(
+        "--keep-card", action="store_true", help="push the adapter's README.md as it is instead of rebuilding it"
+    )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "export-basis",
+        help="write one emotion's steering vectors for llama.cpp (control vector) or lm-evaluation-harness",
+        epilog="examples:\n  emotune export-basis runs/calm/adapter/basis --format llamacpp --emotion calm "
+        "--strength 0.1 --layers 18 --out calm.gguf\n  emotune export-basis you/smollm2-calm --subfolder basis "
+        "--format lm-eval --emotion calm --strength 0.1 --out calm.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("basis", help="basis folder, or a hub repo id (with --subfolder basis for an adapter's)")
+    p.add_argument("--subfolder", default=None, help="folder inside the hub repo that holds the basis")
+    p.add_argument("--revision", default=None, help="hub revision of the basis")
+    p.add_argument("--format", required=True, choices=["llamacpp", "lm-eval"], help="output format")
+    p.add_argument("--emotion", required=True, help="the emotion to steer along")
+    p.add_argument(
+        "--strength", type=float, required=True, help="fraction of the layer's mean residual norm (0.05-0.1 typical)"
+    )
+    p.add_argument(
+        "--layers", "--layer", dest="layers", default=None, help="e.g. 18 or 16-20 (default: the basis's default)"
+    )
+    p.add_argument(
+        "--hookpoint",
+        default="layers.{layer}",
+        help="lm-eval: module name under the model's base_model (model.model.layers.{layer} with peft=)",
+    )
+    p.add_argument("--out", required=True, help="output file (.gguf for llamacpp, .pt for lm-eval)")
+    p.set_defaults(func=cmd_export_basis)
 
     p = sub.add_parser("emotions", help="list the 171 emotions with our valence/arousal ratings")
     p.set_defaults(func=cmd_emotions)

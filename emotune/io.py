@@ -46,6 +46,29 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a writer that wants a file name (GGUF, torch.save); on
+    success it replaces ``path`` in one step, on failure it is removed and ``path`` is untouched."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write there ({exc.strerror}). Choose a writable output path.") from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _fsync(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

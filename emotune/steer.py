@@ -8,8 +8,10 @@ fine-tuning should match without hooks.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -35,3 +37,17 @@ def steered(
         return
     with steer(model, steering_vectors(basis, emotion, alpha, layers)):
         yield
+
+
+class _CallableModule(types.ModuleType):
+    """``from emotune import steer`` finds this module (a package attribute named like a submodule is replaced
+    by the submodule as soon as anything imports it), so the module itself is the context manager: calling it
+    calls :func:`steered`, and ``with steer(model, basis, "calm", 0.1): ...`` works however it was imported."""
+
+    def __call__(
+        self, model: Any, basis: EmotionBasis, emotion: str, alpha: float, layers: Sequence[int] | None = None
+    ) -> AbstractContextManager[None]:
+        return steered(model, basis, emotion, alpha, layers)
+
+
+sys.modules[__name__].__class__ = _CallableModule

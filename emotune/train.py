@@ -371,44 +371,6 @@ def build_dataset(script: ScriptArguments, config: Any, tokenizer: Any) -> tuple
     return Dataset.from_list(rows), bits
 
 
-def model_card(config: Any, model_args: Any, basis: Any, shifts: dict[str, Any] | None) -> str:
-    from huggingface_hub import ModelCard, ModelCardData
-
-    source = basis.metadata.get("model", {})
-    base = source.get("hub_id") or model_args.model_name_or_path
-    data = ModelCardData(
-        base_model=base, library_name="peft", tags=["emotune", "lora", "peft", "emotion-vectors"], license="apache-2.0"
-    )
-    terms = "\n".join(
-        f"| {t.emotion} | {t.form} | {t.weight} | {', '.join(t.tags)} | {t.value} |" for t in config.terms
-    )
-    lines = [
-        "---",
-        data.to_yaml(),
-        "---",
-        "",
-        f"# {Path(config.output_dir).name}: an emotune LoRA adapter for {base}",
-        "",
-        "Trained with [emotune](https://pypi.org/project/emotune/): supervised fine-tuning plus an auxiliary loss on "
-        "the projections of the model's activations onto emotion vectors.",
-        "",
-        f"- base model: `{base}` (emotune name `{model_args.model_name_or_path}`, revision "
-        f"`{model_args.model_revision or 'main'}`)",
-        f"- emotion layers: {basis.default_layer if not config.emotion_layers else config.emotion_layers}",
-        f"- drift weight: {config.drift_weight}",
-        "",
-        "| emotion | form | weight | tags | margin/target |",
-        "|---|---|---|---|---|",
-        terms,
-        "",
-    ]
-    if shifts:
-        lines += ["## Measured shifts", "", "```json", json.dumps(shifts, indent=2), "```", ""]
-    else:
-        lines += ["## Measured shifts", "", "Not measured at training time; run `emotune eval` on this adapter.", ""]
-    return str(ModelCard("\n".join(lines)))
-
-
 def redacted_recipe(script: ScriptArguments, config: Any, model_args: Any) -> str:
     """The resolved recipe as YAML, without secrets."""
     out: dict[str, Any] = {}
@@ -437,25 +399,31 @@ def run_info(config: Any, model_args: Any, model: Any) -> dict[str, Any]:
 
 
 def save_adapter(
-    trainer: Any, script: ScriptArguments, config: Any, model_args: Any, basis: Any, shifts: dict[str, Any] | None
+    trainer: Any,
+    script: ScriptArguments,
+    config: Any,
+    model_args: Any,
+    basis: Any,
+    report: dict[str, Any] | None = None,
 ) -> Path:
-    """Write <output_dir>/adapter atomically: adapter, tokenizer, basis, recipe, run info, model card."""
-    from emotune.io import atomic_dir, write_json_atomic
+    """Write <output_dir>/adapter atomically (emotune.adapter): adapter, tokenizer, basis, recipe, run info and a
+    model card, with the eval report's numbers when one is given."""
+    from emotune.adapter import write_adapter
 
-    target = Path(config.output_dir) / "adapter"
-    with atomic_dir(target, marker="adapter_config.json") as tmp:
-        trainer.model.save_pretrained(tmp)
-        trainer.processing_class.save_pretrained(tmp)
-        basis.save(tmp / "basis")
-        (tmp / "recipe.yaml").write_text(redacted_recipe(script, config, model_args))
-        write_json_atomic(tmp / "emotune_run.json", run_info(config, model_args, trainer.model))
-        (tmp / "README.md").write_text(model_card(config, model_args, basis, shifts))
-    return target
+    return write_adapter(
+        Path(config.output_dir) / "adapter",
+        trainer.model,
+        trainer.processing_class,
+        basis,
+        redacted_recipe(script, config, model_args),
+        run_info(config, model_args, trainer.model),
+        report,
+    )
 
 
 def final_evaluation(trainer: Any, tokenizer: Any, basis: Any, config: Any) -> dict[str, Any]:
     """Evaluate the trained adapter in-process (adapter off = base), write <output_dir>/eval, log to W&B,
-    and return the headline shifts for the model card."""
+    and return the headline numbers (logged to W&B; the model card reads the written report)."""
     from emotune.evaluate.report import write_report
     from emotune.evaluate.run import evaluate_model
 
@@ -558,12 +526,15 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
         write_json_atomic(out / "emotune_run.json", run_info(config, model_args, model))
     with wandb_run_identity(config, trainer.is_world_process_zero()):
         trainer.train(resume_from_checkpoint=resume)
-    shifts = None
     target = out / "adapter"
     if trainer.is_world_process_zero():
+        report = None
         if config.emotion_eval:
-            shifts = final_evaluation(trainer, tokenizer, basis, config)
-        target = save_adapter(trainer, script, config, model_args, basis, shifts)
+            from emotune.adapter import read_report
+
+            final_evaluation(trainer, tokenizer, basis, config)
+            report = read_report(out / "eval")  # the card's shift table and model-index
+        target = save_adapter(trainer, script, config, model_args, basis, report)
         print(f"adapter written to {target}")
         if push:
             from emotune.export import push_adapter

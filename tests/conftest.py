@@ -211,3 +211,58 @@ def tiny_eval_setup():
     ]
     basis = EmotionBasis.extract(model, tok, stories=stories, neutral=neutral, offset=2, progress=False)
     return model, tok, basis
+
+
+# ----------------------------------------------------------------------------- a local folder as the hub
+
+
+class LocalHub:
+    """A stand-in for the Hugging Face Hub: ``HfApi`` commits write into ``root/<repo_id>/``, and
+    ``hf_hub_download`` reads from there. ``commits`` records each commit's repo, message and paths."""
+
+    def __init__(self, root):
+        self.root = root
+        self.commits: list[dict] = []
+        self.repos: dict[str, dict] = {}
+        self.downloads: list[str] = []
+
+    def api(self, hub_token=None, token=None, **_):
+        hub = self
+
+        class Api:
+            def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None, **_):
+                hub.repos[repo_id] = {"private": private}
+
+            def create_commit(self, repo_id, operations, commit_message, repo_type=None, **_):
+                paths = []
+                for op in operations:
+                    target = hub.root / repo_id / op.path_in_repo
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    data = op.path_or_fileobj
+                    target.write_bytes(data if isinstance(data, bytes) else open(data, "rb").read())
+                    paths.append(op.path_in_repo)
+                hub.commits.append({"repo_id": repo_id, "message": commit_message, "paths": sorted(paths)})
+                from types import SimpleNamespace
+
+                return SimpleNamespace(commit_url=f"https://hub.local/{repo_id}/commit/{len(hub.commits)}")
+
+        return Api()
+
+    def download(self, repo_id, filename, *, subfolder=None, revision=None, token=None, **_):
+        from huggingface_hub.errors import EntryNotFoundError
+
+        path = self.root / repo_id / (subfolder or "") / filename
+        self.downloads.append(f"{repo_id}/{subfolder or ''}/{filename}".replace("//", "/"))
+        if not path.is_file():
+            raise EntryNotFoundError(f"{path} not found")
+        return str(path)
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = LocalHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.download)
+    return hub

@@ -196,7 +196,7 @@ def lora_weights(model) -> dict[str, torch.Tensor]:
 def test_an_interrupted_adapter_save_leaves_the_old_adapter(adapter_run, monkeypatch):
     from peft import PeftModel
 
-    import emotune.train
+    import emotune.adapter
     from emotune.evaluate.run import load_adapter
     from emotune.train import save_adapter
 
@@ -213,7 +213,7 @@ def test_an_interrupted_adapter_save_leaves_the_old_adapter(adapter_run, monkeyp
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(emotune.train, "model_card", fail)
+    monkeypatch.setattr(emotune.adapter, "model_card", fail)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(trainer, script, config, model_args, basis, None)
     assert snapshot(target) == before

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from emotune.errors import ConfigError
+from emotune.errors import ConfigError, EmotuneError
 from emotune.models import decoder_layers, find_layer_list, model_fingerprint, resolve_layers
 
 
@@ -160,3 +160,33 @@ def test_cpu_threads_are_left_alone_outside_a_launcher_or_when_set(monkeypatch):
     assert _threads_after(monkeypatch, {}) == (1, [])  # plain python: the user's OMP_NUM_THREADS stands
     assert _threads_after(monkeypatch, {"ACCELERATE_DYNAMO_BACKEND": "NO"}, start=3) == (3, [])
     assert _threads_after(monkeypatch, {"ACCELERATE_DYNAMO_BACKEND": "NO", "EMOTUNE_NUM_THREADS": "1"}) == (1, [1])
+
+
+def test_an_embedded_models_hub_id_maps_back_to_the_embedded_copy_when_the_hub_is_offline(
+    tiny_chat_model_dir, tmp_path, monkeypatch
+):
+    """An adapter trained here names HuggingFaceTB/SmolLM2-135M-Instruct; with HF_HUB_OFFLINE and nothing in the
+    hub cache, load_model of that id loads the embedded copy (here a tiny stand-in, no real weights)."""
+    from huggingface_hub import constants
+
+    import emotune.models
+    from emotune.models import load_model
+
+    materialised = []
+
+    def fake_materialise(name, spec, dtype):
+        materialised.append(name)
+        return tiny_chat_model_dir
+
+    monkeypatch.setattr(emotune.models, "_materialise_gguf", fake_materialise)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    model, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert materialised == ["smollm2-135m-instruct"]
+    assert model.config.emotune_source["model"] == "smollm2-135m-instruct"
+    assert model.config.emotune_source["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model.config.emotune_source["embedded"] is True
+    # any other hub id, offline and uncached, still fails in one line
+    with pytest.raises(EmotuneError) as info:
+        load_model("someone/not-embedded")
+    assert "Could not load model 'someone/not-embedded'" in str(info.value) and "\n" not in str(info.value)

@@ -282,7 +282,7 @@ def preflight(script: ScriptArguments, config: Any, model_args: Any) -> None:
         except ConfigError:
             raise ConfigError(
                 f"dtype: {model_args.dtype!r} is not a floating-point torch dtype. "
-                f"Use one of auto, {', '.join(DTYPES)}."
+                f"Use one of {', '.join(DTYPES)}."
             ) from None
 
 

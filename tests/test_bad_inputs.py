@@ -1075,14 +1075,14 @@ FLAGS = [
         ["extract", "--dtype", "nonsense"],
         r"not a floating-point torch dtype",
         ["--dtype 'nonsense'"],
-        r"\buse one of float32, bfloat16, float16\b",
+        r"\buse one of auto, float32, bfloat16, float16\b",
         id="extract-dtype-nonsense",
     ),
     pytest.param(
         ["eval", "--dtype", "int8", "--out", "{out}"],
         r"not a floating-point torch dtype",
         ["--dtype 'int8'"],
-        r"\buse one of float32\b",
+        r"\buse one of auto, float32\b",
         id="eval-dtype-integer",
     ),
     pytest.param(

@@ -21,6 +21,7 @@ import resource
 import sys
 import traceback
 import types
+from typing import Any
 
 
 def _main() -> None:
@@ -77,12 +78,12 @@ def _main() -> None:
         for name in names:
             report(type="test", name=name, outcome="error")
         os._exit(1)
-    defined = {name: module.__dict__.get(name) for name in names}
+    defined: dict[str, Any] = {name: module.__dict__.get(name) for name in names}
     compiled = {c.co_name: c for c in code.co_consts if isinstance(c, types.CodeType)}
     plain = set(names) - set(cfg["decorated"])  # a decorated test's code is its decorator's wrapper
     failed = False
     for name in names:
-        fn = module.__dict__.get(name)
+        fn: Any = module.__dict__.get(name)
         if not isinstance(fn, types.FunctionType) or fn is not defined[name]:
             problem = "was replaced or is not a function"
         elif name in plain and (fn.__code__ is not compiled.get(name) or fn.__globals__ is not module.__dict__):

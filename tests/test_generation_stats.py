@@ -20,7 +20,9 @@ def test_samples_of_one_task_count_as_one_cluster_so_the_interval_is_wider_than_
 def test_paired_contrast_is_adapted_minus_base_clustered_by_task():
     def rows(hacks: dict[str, int], k: int = 4) -> dict:
         samples = [
-            {"task": t, "sample": j, "outcome": "hack" if j < n else "fail"} for t, n in hacks.items() for j in range(k)
+            {"task": t, "sample": j, "outcome": "hack" if j < n else "fail"}
+            for t, n in hacks.items()
+            for j in range(k)
         ]
         blackmail = [{"id": "s1", "sample": j, "blackmail": False} for j in range(k)]
         return {"coding": {"samples": samples}, "blackmail": {"samples": blackmail}}

@@ -150,9 +150,7 @@ def parse_device(device: str | torch.device) -> torch.device:
     try:
         value = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(
-            f"--device {device!r}: not a device name. Use auto, cpu, cuda, cuda:N or mps."
-        ) from None
+        raise ConfigError(f"--device {device!r}: not a device name. Use auto, cpu, cuda, cuda:N or mps.") from None
     if value.type == "cuda" and (not torch.cuda.is_available() or (value.index or 0) >= torch.cuda.device_count()):
         found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA GPU"
         raise ConfigError(f"--device {device!r}: this machine has {found}. Use --device cpu, or a GPU it has.")

@@ -373,3 +373,15 @@ def test_a_sharded_model_runs_the_whole_base_forward_and_gets_the_same_projectio
     assert stopped.keys() == full.keys()
     for layer in stopped:
         torch.testing.assert_close(stopped[layer], full[layer])
+
+
+def test_trl_is_pinned_to_compatible_releases_and_the_installed_one_fits_the_pin():
+    import importlib.metadata
+    import re
+
+    from packaging.requirements import Requirement
+
+    (pin,) = re.findall(r'^\s*"(trl[^"]*)"', (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    trl = Requirement(pin)
+    assert str(trl.specifier).startswith("~=")
+    assert importlib.metadata.version("trl") in trl.specifier

@@ -7,7 +7,7 @@ What a run holds (docs/WANDB.md):
   prefix before ``/``), and ``eval/emotion/*`` for the same on the held-out split (``eval_fraction``);
 - an ``emotion-basis`` artifact, declared as the run's input online (W&B refuses ``use_artifact`` offline, so an
   offline run logs it and the lineage appears when it is synced);
-- after ``emotion_eval: true`` or ``emotune eval --wandb``: ``eval_report/shifts`` (a table of every per-emotion
+- after ``emotion_eval: true`` or ``emotune eval --wandb``: ``eval_report/shift_table`` (a table of every per-emotion
   row the report holds), ``eval_report/<plot>`` images, an ``emotion-eval`` artifact with the report folder, and
   the report's numbers in the run summary.
 
@@ -147,7 +147,7 @@ def log_report(run: Any, report: dict[str, Any], folder: str | Path) -> None:
     columns, rows = report_rows(report)
     media: dict[str, Any] = {}
     if rows:
-        media["eval_report/shifts"] = wandb.Table(columns=columns, data=rows)
+        media["eval_report/shift_table"] = wandb.Table(columns=columns, data=rows)
     for png in sorted(folder.glob("*.png")):
         media[f"eval_report/{png.stem}"] = wandb.Image(str(png), caption=png.stem)
     if media:

@@ -57,23 +57,31 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def history_rows(records: list) -> list[dict]:
+    """Each history record as ``{key: value}``. W&B stores a media value (table, image) as one item per field,
+    keyed by ``[key, field]``; those are put back together into the value's dict."""
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") != "history":
+            continue
+        row: dict = {}
+        for item in r.history.item:
+            key = [item.key] if item.key else list(item.nested_key)
+            value = json.loads(item.value_json)
+            if len(key) == 1:
+                row[key[0]] = value
+            else:
+                row.setdefault(key[0], {})["/".join(key[1:])] = value
+        rows.append(row)
+    return rows
+
+
 def history_keys(records: list) -> set[str]:
-    return {
-        item.key or "/".join(item.nested_key)
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-        for item in r.history.item
-    }
+    return {key for row in history_rows(records) for key in row}
 
 
 def history_values(records: list, key: str) -> list:
-    return [
-        json.loads(item.value_json)
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-        for item in r.history.item
-        if (item.key or "/".join(item.nested_key)) == key
-    ]
+    return [row[key] for row in history_rows(records) if key in row]
 
 
 def artifact_types(records: list) -> list[str]:
@@ -298,9 +306,9 @@ def test_an_offline_wandb_run_holds_emotion_curves_the_basis_artifact_the_shift_
     assert len(history_values(records, "eval/emotion/proj_calm@failure")) == 2  # a curve: one point per eval step
     # the basis as the run's artifact, the report's table, plots and folder
     assert "emotion-basis" in artifact_types(records) and "emotion-eval" in artifact_types(records)
-    table = history_values(records, "eval_report/shifts")
+    table = history_values(records, "eval_report/shift_table")
     assert table and table[0]["_type"] == "table-file" and table[0]["nrows"] >= 3
-    images = [k for k in keys if k.startswith("eval_report/") and k != "eval_report/shifts"]
+    images = [k for k in keys if k.startswith("eval_report/") and k != "eval_report/shift_table"]
     assert images and all(history_values(records, k)[0]["_type"] == "image-file" for k in images)
     assert "eval/perplexity_change" in keys
 
@@ -322,7 +330,7 @@ def test_an_offline_wandb_run_holds_emotion_curves_the_basis_artifact_the_shift_
     runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(runs) == 2, runs
     resumed = wandb_records(runs[-1])
-    assert "eval_report/shifts" in history_keys(resumed) and "emotion-eval" in artifact_types(resumed)
+    assert "eval_report/shift_table" in history_keys(resumed) and "emotion-eval" in artifact_types(resumed)
 
 
 def test_an_unwritable_wandb_folder_is_refused_before_any_work(world, tmp_path):

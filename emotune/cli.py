@@ -459,16 +459,16 @@ def _train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a LoRA adapter from a recipe, launched through accelerate",
-        description="Train from a recipe (a shipped name or a .yaml file); --key value pairs after it override the "
-        "recipe's keys (`emotune train calm --help` lists them). The recipe is checked here before launching. "
-        "Launcher settings go before the recipe.",
+        description="Train from a recipe (a shipped name or a .yaml file); --key value pairs after it override\n"
+        "the recipe's keys (`emotune train calm --help` lists them). The recipe is checked here, before\n"
+        "accelerate launches the run. Launcher settings go before the recipe.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_examples(
             "emotune train calm",
             "emotune train calm --max_steps 4 --output_dir runs/calm-smoke --report_to none",
             "emotune train calm --emotion_weight_scale 0 --output_dir runs/calm-control   # the plain-SFT control",
             "emotune train --num-processes 8 --mixed-precision bf16 llama-3.1-8b-calm",
-            "emotune train --config-file recipes/accelerate_configs/fsdp.yaml my-recipe.yaml   # untested",
+            "emotune train --config-file fsdp my-recipe.yaml   # multi-GPU configs are untested",
             "emotune train --list",
         ),
     )
@@ -488,7 +488,10 @@ def _train_parser(sub: Any) -> None:
     )
     p.add_argument("--dynamo-backend", default=None, help="torch.compile backend for accelerate (default: no)")
     p.add_argument(
-        "--config-file", default=None, help="an accelerate config (recipes/accelerate_configs/); its values stay"
+        "--config-file",
+        default=None,
+        help="an accelerate config file, or a shipped one by name (ddp, fsdp, deepspeed_zero3; untested); "
+        "settings not given here come from it",
     )
     p.set_defaults(func=cmd_train)
 

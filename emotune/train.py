@@ -643,6 +643,15 @@ def launch(recipe: str, overrides: Sequence[str] = (), *, dry_run: bool = False,
 
     argv = [str(find_recipe(recipe)), *overrides]
     script, config, model_args = check_recipe(argv)
+    config_file = settings.get("config_file")
+    if config_file and not Path(config_file).is_file():
+        shipped = RECIPES / "accelerate_configs" / f"{config_file}.yaml"
+        if not shipped.is_file():
+            names = ", ".join(sorted(p.stem for p in (RECIPES / "accelerate_configs").glob("*.yaml")))
+            raise ConfigError(
+                f"--config-file {config_file}: no such file. Pass an accelerate config file, or one of {names}."
+            )
+        settings["config_file"] = str(shipped)
     command = [*launch_args(config, **settings), "--module", "emotune.train", *argv]
     print("accelerate launch " + shlex.join(command), flush=True)
     if dry_run:

@@ -163,6 +163,19 @@ def test_launch_settings_follow_the_recipe_and_leave_an_accelerate_config_file_a
     assert launch_args(gpu, config_file="fsdp.yaml", num_processes=4)[2:] == ["--num_processes", "4"]
 
 
+def test_a_shipped_accelerate_config_is_found_by_name_and_its_values_are_not_overridden(world, tmp_path, capsys):
+    from emotune.train import launch
+
+    root, recipe = world
+    path = str(recipe("c.yaml", tmp_path / "out"))
+    assert launch(path, dry_run=True, config_file="fsdp") == 0
+    command = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"--config_file {ROOT / 'emotune' / 'recipes' / 'accelerate_configs' / 'fsdp.yaml'}" in command
+    assert "--num_processes" not in command
+    with pytest.raises(ConfigError, match="--config-file fdsp: no such file.*ddp, deepspeed_zero3, fsdp"):
+        launch(path, dry_run=True, config_file="fdsp")
+
+
 def test_emotune_train_launches_a_tiny_run_through_accelerate_without_its_defaults_warning(world, tmp_path):
     root, recipe = world
     path = recipe("ok.yaml", tmp_path / "out")

@@ -11,6 +11,8 @@ Benchmarks (each writes its rows into the JSON and prints a table):
 - scaling: the emotion terms' overhead against sequence length, batch size, emotions and hooked layers;
 - extract: tokens/s of extraction with every layer captured vs a bare forward over the same batches;
            padding waste of length bucketing;
+- peak:    achieved FLOP/s (torch's FLOP counter over measured time) of a training step and of extraction as
+           a share of the measured fp32 GEMM peak; extraction on 1 thread vs all, and in bf16 vs fp32;
 - stream:  peak memory of extraction at 1x, 5x and 20x the shipped story corpus, streamed vs holding
            every story's features (one process per point);
 - choice:  shared-context scoring of a scenario pair vs scoring each continuation with its context;
@@ -44,11 +46,15 @@ sys.path.insert(0, str(ROOT / "tests"))  # tiny models for --smoke
 
 
 def machine() -> dict[str, Any]:
+    from emotune.models import native_bf16
+
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16("cpu"),
         "device": "cpu",
     }
     if torch.cuda.is_available():
@@ -566,6 +572,109 @@ def bench_extract(args: argparse.Namespace, model: Any, tok: Any) -> list[dict[s
     return rows
 
 
+# ----------------------------------------------------------------------------- share of the machine's peak
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs that ``fn`` runs, counted by torch's own dispatcher-level counter (matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(device: str, dtype: torch.dtype, repeats: int) -> float:
+    """Measured FLOP/s of the best of a few large GEMMs with this process's threads: the peak we compare to."""
+    from torch.utils import benchmark
+
+    best = 0.0
+    for n in (1024, 2048):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        timer = benchmark.Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
+        best = max(best, 2 * n**3 / timer.timeit(max(2, repeats)).median)
+    return best
+
+
+def bench_peak(args: argparse.Namespace, model: Any, tok: Any, basis: Any) -> list[dict[str, Any]]:
+    """Achieved FLOP/s of a training step (calm.yaml's terms and layers) and of extraction, as a share of the
+    measured GEMM peak, in one run; plus what threads and bf16 do on this CPU."""
+    import copy
+
+    from emotune.basis import mean_activations
+    from emotune.corpus import load_stories
+    from emotune.models import num_layers
+
+    device = args.device
+    threads = torch.get_num_threads()
+    peak = matmul_peak(device, torch.float32, args.repeats)
+    n = num_layers(model)
+    layers = [round(n * 0.6), round(n * 0.73)]  # 18 and 22 of 30, as calm.yaml
+    batch = make_batch(tok, args.batch, args.length, device)
+    rows: list[dict[str, Any]] = [{"variant": f"fp32 GEMM peak, {threads} threads", "gflop_per_s": peak / 1e9}]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainers(
+            lambda: copy.deepcopy(model),
+            tok,
+            basis,
+            device,
+            layers,
+            ["desperate", "calm"],
+            tmp,
+            False,
+            only="emotune terms",
+        )["emotune terms"]
+        step = step_fn(trainer, batch, plain=False)
+        step()
+        flops = counted_flops(step)
+        seconds = interleaved({"step": step}, args.repeats, device)["step"]
+        rows.append(
+            {
+                "variant": f"training step, batch {args.batch} x {args.length}, LoRA + terms",
+                "seconds": seconds,
+                "tokens_per_s": args.batch * args.length / seconds,
+                "gflop_per_s": flops / seconds / 1e9,
+                "share_of_peak": flops / seconds / peak,
+            }
+        )
+    texts = [s.text for s in load_stories()[: args.texts]]
+    top = layers[-1:]
+
+    def extract() -> None:
+        mean_activations(model, tok, texts, top, offset=8, batch_size=16)
+
+    extract()
+    flops = counted_flops(extract)
+    seconds = interleaved({"extract": extract}, args.repeats, device)["extract"]
+    tokens = sum(len(x) for x in tok(texts)["input_ids"])
+    rows.append(
+        {
+            "variant": f"extraction, {len(texts)} stories to layer {top[0]}",
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "gflop_per_s": flops / seconds / 1e9,
+            "share_of_peak": flops / seconds / peak,
+        }
+    )
+    if device == "cpu":
+        torch.set_num_threads(1)
+        one = interleaved({"extract": extract}, args.repeats, device)["extract"]
+        torch.set_num_threads(threads)
+        rows.append({"variant": f"extraction on 1 thread vs {threads}", "seconds": one, "ratio": one / seconds})
+        half = copy.deepcopy(model).to(torch.bfloat16)
+        bf16 = interleaved(
+            {"bf16": lambda: mean_activations(half, tok, texts, top, offset=8, batch_size=16)}, args.repeats, device
+        )["bf16"]
+        rows.append({"variant": "extraction in bf16 vs fp32", "seconds": bf16, "ratio": bf16 / seconds})
+    table(
+        f"Share of the measured peak ({device}, {threads} threads)",
+        rows,
+        ["variant", "seconds", "tokens_per_s", "gflop_per_s", "share_of_peak", "ratio"],
+    )
+    return rows
+
+
 # ----------------------------------------------------------------------------- streaming
 
 
@@ -764,7 +873,7 @@ def bench_load(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few repeats: seconds")
-    parser.add_argument("--only", default="train,memory,padfree,scaling,extract,stream,choice,load")
+    parser.add_argument("--only", default="train,memory,padfree,scaling,extract,peak,stream,choice,load")
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -809,6 +918,8 @@ def main() -> None:
         results["scaling"] = bench_scaling(args, model, tok, basis)
     if "extract" in only:
         results["extract"] = bench_extract(args, model, tok)
+    if "peak" in only:
+        results["peak"] = bench_peak(args, model, tok, basis)
     if "stream" in only:
         results["stream"] = bench_stream(args)
     if "choice" in only:

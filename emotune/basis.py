@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from emotune import __version__
 from emotune.catalog import check_emotions
-from emotune.corpus import Dialogue, Story, iter_dialogues, iter_stories
+from emotune.corpus import Dialogue, Story, iter_dialogues, iter_stories, shipped_path
 from emotune.errors import ConfigError, DataError
 from emotune.hooks import StopForward, capture
 from emotune.io import atomic_dir, write_json_atomic
@@ -794,31 +795,67 @@ def _dialogue_stream(neutral: str | Path | Sequence[Dialogue] | None) -> Callabl
     return lambda: iter_dialogues(neutral)  # type: ignore[arg-type]
 
 
-def cached_basis(model: Any, tokenizer: Any, layers: int | list[int] | str | None = None) -> EmotionBasis:
-    """A basis for ``model`` on the shipped corpus at ``layers``, extracted once and cached on disk.
+SHIPPED_BASES = "bases"  # under emotune/data: bases of the embedded models, extracted by `emotune extract`
 
-    The cache key is the model's fingerprint and the layers. On CPU, a float32 model is copied
-    to bfloat16 for the extraction, which runs about 3x faster there (measured on SmolLM2-135M);
-    the vectors are computed in float32 either way.
+
+def shipped_basis(model: Any, layers: Sequence[int] | None) -> EmotionBasis | None:
+    """The basis shipped with emotune for ``model`` (matched by weight fingerprint) if it covers ``layers``.
+
+    Extraction is deterministic, so the shipped copy is what a fresh extraction on the shipped corpus gives
+    (a slow test re-extracts and compares); it saves the quickstart several minutes of CPU time.
+    """
+    if layers is None:
+        return None
+    root = Path(str(resources.files("emotune") / "data" / SHIPPED_BASES))
+    fingerprint = model_fingerprint(model)
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if meta.get("fingerprint") == fingerprint and set(layers) <= set(meta.get("layers", [])):
+            return EmotionBasis.load(folder)
+    return None
+
+
+def cached_basis(model: Any, tokenizer: Any, layers: int | list[int] | str | None = None) -> EmotionBasis:
+    """A basis for ``model`` on the shipped corpus at ``layers``: the shipped copy when one covers them, else
+    extracted once and cached on disk (keyed by the model's fingerprint and the layers).
+
+    Extraction runs in bfloat16 only where the CPU computes it natively (``parse_dtype("auto")``): there it is
+    about 3x faster than float32, but on an AVX2-only CPU emulated bf16 is about 6x *slower*. The vectors are
+    computed in float32 either way.
     """
     import copy
     import logging
 
-    from emotune.models import cache_dir
+    from emotune.models import cache_dir, parse_dtype
 
     log = logging.getLogger("emotune")
     ids = resolve_layers(model, layers) if layers is not None else None
-    path = cache_dir() / "bases" / f"{model_fingerprint(model)}-{'_'.join(map(str, ids)) if ids else 'all'}"
+    shipped = shipped_basis(model, ids)
+    if shipped is not None:
+        log.warning(
+            "Using the basis shipped for %s (layers %s)",
+            shipped.metadata.get("model", {}).get("model"),
+            _span(shipped.layers),
+        )
+        return shipped
+    # keyed by model, layers, the shipped corpus (its bytes) and the extraction code's version, so that runs share
+    # one extraction and an upgrade never reuses a basis from another corpus or method
+    corpus = hashlib.sha256(__version__.encode())
+    for name in ("stories", "neutral"):
+        for file in sorted(shipped_path(name).glob("*.jsonl")):
+            corpus.update(file.read_bytes())
+    layer_key = "_".join(map(str, ids)) if ids else "all"
+    path = cache_dir() / "bases" / f"{model_fingerprint(model)}-{layer_key}-{corpus.hexdigest()[:12]}"
     if (path / META_FILE).exists():
         log.warning("Using the cached basis %s", path)
         return EmotionBasis.load(path)
     log.warning("Extracting an emotion basis from the model on the shipped corpus (cached in %s)", path)
     param = next(model.parameters())
-    source = (
-        copy.deepcopy(model).to(torch.bfloat16)
-        if param.device.type == "cpu" and param.dtype == torch.float32
-        else model
-    )
+    fast = parse_dtype("auto", param.device)
+    source = copy.deepcopy(model).to(fast) if param.device.type == "cpu" and param.dtype != fast else model
     basis = EmotionBasis.extract(source, tokenizer, layers=ids)
     del source
     basis.save(path)

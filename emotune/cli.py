@@ -298,7 +298,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default="smollm2-135m-instruct",
         help="embedded name (smollm2-135m-instruct, gemma-3-270m), hub id or local folder",
     )
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 where the device computes it natively, else float32) | float32 | bfloat16 | float16",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--revision", default=None, help="hub revision (recorded in the basis metadata)")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub (off by default)")

@@ -131,15 +131,73 @@ def resolve_model_path(name: str, dtype: torch.dtype = torch.float32) -> tuple[s
     return name, {"model": name, "hub_id": name if not os.path.isdir(name) else None, "embedded": False}
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``; anything but a floating dtype raises."""
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively, so that bf16 is faster than float32 there.
+
+    On a CPU without native bf16 (AVX2-only x86, say), torch emulates bf16 matmuls and they run about 6x slower
+    than float32; with AVX512-BF16 or AMX (x86) or the ``bf16`` extension (Arm) they run faster. torch exposes
+    only the vector ISA (``torch.backends.cpu.get_cpu_capability()``), so the CPU flags are read from Linux.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty where unreadable,
+    so that callers fall back to float32, which is never the slow choice."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def parse_dtype(dtype: torch.dtype | str, device: str | torch.device | None = None) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; ``"auto"`` -> bfloat16 where ``device`` (default cpu) computes it
+    natively, else float32. Anything but a floating dtype raises."""
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device or "cpu") else torch.float32
     value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ConfigError(f"--dtype {dtype!r}: not a floating-point torch dtype. Use one of {', '.join(DTYPES)}.")
     return value
+
+
+LAUNCHER_ENV = "ACCELERATE_DYNAMO_BACKEND"  # set by `accelerate launch` in every process it starts
+
+
+def configure_cpu_threads() -> int:
+    """Use this process's share of the CPU cores when a launcher pinned it to one thread; return the count.
+
+    ``accelerate launch`` without ``--num_cpu_threads_per_process`` exports ``OMP_NUM_THREADS=1`` for a
+    single local process (it raises the count only with ``--cpu`` and more than one physical core), so the
+    quickstart would train on one core of many. Under a launcher, on CPU, with one thread, we take
+    ``usable cores // local processes`` instead. ``EMOTUNE_NUM_THREADS`` overrides this in both directions.
+    """
+    forced = os.environ.get("EMOTUNE_NUM_THREADS")
+    if forced:
+        torch.set_num_threads(max(1, int(forced)))
+        return torch.get_num_threads()
+    if LAUNCHER_ENV not in os.environ or torch.get_num_threads() != 1 or torch.cuda.is_available():
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    threads = max(1, cores // max(1, local))
+    if threads > 1:
+        torch.set_num_threads(threads)
+        logger.warning(
+            "CPU threads: the launcher set OMP_NUM_THREADS=1; using %d threads (%d usable cores / %d local "
+            "process(es)). Set EMOTUNE_NUM_THREADS to choose another count.",
+            threads,
+            cores,
+            local,
+        )
+    return threads
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -185,9 +243,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = parse_dtype(dtype)
     if device is not None:
         device = parse_device(device)
+    dtype = parse_dtype(dtype, device)
     if trust_remote_code:
         warnings.warn(f"trust_remote_code=True: code from '{name}' will run on this machine.", stacklevel=2)
     path, meta = resolve_model_path(name, dtype)  # type: ignore[arg-type]

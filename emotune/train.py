@@ -682,14 +682,20 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
     from trl import get_peft_config
 
     from emotune.io import write_json_atomic
-    from emotune.models import load_model
+    from emotune.models import configure_cpu_threads, load_model, parse_dtype
     from emotune.trainer import EmotuneTrainer
 
     preflight(script, config, model_args)
     resume = resolve_resume(config)  # before minutes of loading: a run with no checkpoint to resume fails now
     setup_wandb(config)
     set_seed(config.seed)
-    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+    on_cpu = config.use_cpu or not torch.cuda.is_available()
+    if on_cpu:
+        configure_cpu_threads()  # `accelerate launch` pins a single process to one thread
+    if model_args.dtype not in (None, "auto"):
+        dtype: Any = model_args.dtype
+    else:  # bf16 on a GPU that has it; float32 on CPU, where bf16 training is unverified (docs/PERFORMANCE.md)
+        dtype = "float32" if on_cpu else parse_dtype("auto", "cuda")
     model, tokenizer = load_model(
         model_args.model_name_or_path,
         dtype=dtype,

@@ -1,6 +1,7 @@
 """EmotionBasis: parity with a hand computation, batching invariance, persistence, refusals."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,61 @@ def test_a_story_longer_than_the_context_is_refused_where_it_is(tiny_model, char
         tiny_model, char_tokenizer, stories=[*stories, long], neutral=neutral, progress=False, max_length=256
     )
     assert basis.metadata["settings"]["max_length"] == 256
+
+
+def test_the_shipped_basis_matches_the_shipped_corpus_and_the_extraction_defaults():
+    """The shipped basis stands in for `EmotionBasis.extract(model, tok, layers=...)` on the embedded model; if
+    the story corpus or an extraction default changes, it must be extracted and shipped again."""
+    import hashlib
+    import inspect
+    from importlib import resources
+
+    from emotune.basis import SHIPPED_BASES
+    from emotune.corpus import iter_stories
+
+    folders = sorted(Path(str(resources.files("emotune") / "data" / SHIPPED_BASES)).iterdir())
+    assert folders, "no shipped basis"
+    defaults = inspect.signature(EmotionBasis.extract).parameters
+    story_hash = hashlib.sha256()
+    for story in iter_stories():
+        story_hash.update((story.emotion + "\t" + story.text).encode("utf-8") + b"\x00")
+    for folder in folders:
+        basis = EmotionBasis.load(folder)
+        assert basis.metadata["corpus"]["stories_hash"] == story_hash.hexdigest()[:16], folder
+        for key, value in basis.metadata["settings"].items():
+            assert defaults[key].default == value, (folder, key)
+        assert basis.metadata["method"] == defaults["method"].default
+        assert (folder / "report.md").exists() and (folder / "report.json").exists()  # its validation ships too
+
+
+def test_cached_basis_extracts_once_per_model_and_layers_and_prefers_a_shipped_copy(monkeypatch, tmp_path):
+    from conftest import CharTokenizer, extract_tiny_basis, tiny_llama
+
+    import emotune.basis as basis_module
+
+    model, tok = tiny_llama(), CharTokenizer()
+    calls: list[list[int] | None] = []
+    real = EmotionBasis.extract
+
+    def fake_extract(m, t, *, layers=None, **kwargs):  # the shipped corpus is minutes of work: count calls instead
+        if "stories" in kwargs:
+            return real(m, t, layers=layers, **kwargs)
+        calls.append(layers)
+        return extract_tiny_basis(m, t, layers=layers)
+
+    monkeypatch.setenv("EMOTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(EmotionBasis, "extract", staticmethod(fake_extract))
+    first = basis_module.cached_basis(model, tok, [1, 2])
+    again = basis_module.cached_basis(model, tok, [1, 2])
+    assert calls == [[1, 2]]  # the second run loaded the cache
+    torch.testing.assert_close(first.vectors(2), again.vectors(2))
+    basis_module.cached_basis(model, tok, [3])
+    assert calls == [[1, 2], [3]]  # other layers, another extraction
+
+    shipped = tmp_path / "data"
+    first.save(shipped / "bases" / "tiny")  # a shipped copy for this model's fingerprint, layers 1 and 2
+    monkeypatch.setattr(basis_module.resources, "files", lambda package: tmp_path)
+    assert basis_module.cached_basis(model, tok, [2]).layers == [1, 2]  # a subset of its layers: no extraction
+    assert calls == [[1, 2], [3]]
+    assert basis_module.shipped_basis(model, [0]) is None  # a layer it lacks
+    assert basis_module.shipped_basis(tiny_llama(seed=1), [2]) is None  # other weights

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emotune.evaluate.detectors import (
+from emotune.evaluate.agentic.detectors import (
     blackmail_verdict,
     classify_code_attempt,
     extract_code,

@@ -74,7 +74,7 @@ def test_the_evaluator_gives_the_same_report_twice_with_the_same_seed(tiny):
 
 
 def test_sampled_generation_is_the_same_twice_with_the_same_seed(tiny):
-    from emotune.evaluate import generation
+    from emotune.evaluate.agentic import generation
     from emotune.evaluate.behaviour import load_scenarios
 
     model, tok, basis = tiny

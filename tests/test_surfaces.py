@@ -407,3 +407,33 @@ def test_trl_is_pinned_to_compatible_releases_and_the_installed_one_fits_the_pin
     trl = Requirement(pin)
     assert str(trl.specifier).startswith("~=")
     assert importlib.metadata.version("trl") in trl.specifier
+
+
+def test_log_report_puts_the_shift_table_plots_and_folder_in_an_offline_run(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import wandb
+
+    from emotune.tracking import log_report
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    folder = tmp_path / "report"
+    folder.mkdir()
+    plt.plot([0, 1])
+    plt.savefig(folder / "shifts.png")
+    (folder / "report.md").write_text("# report\n")
+    report = {"activations": {"sets": {"failure": {"layers": {"2": {"table": [
+        {"emotion": e, "shift": 0.1 * i} for i, e in enumerate(("calm", "desperate", "afraid"))
+    ]}}}}}, "capability": {"perplexity_change": 0.01}}  # fmt: skip
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="t")
+    log_report(run, report, folder)
+    run.finish()
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    (table,) = history_values(records, "eval_report/shift_table")
+    assert table["_type"] == "table-file" and table["nrows"] == 3
+    (image,) = history_values(records, "eval_report/shifts")
+    assert image["_type"] == "image-file"
+    assert "emotion-eval" in artifact_types(records)

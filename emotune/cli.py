@@ -1,4 +1,4 @@
-"""The `emotune` command: extract | stories | eval | steer | export | export-basis | emotions.
+"""The `emotune` command: extract | stories | eval | steer | export | export-basis | emotions | train | env.
 
 Errors the user can fix (EmotuneError) print one line and exit 2, with no traceback.
 """
@@ -133,6 +133,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from emotune.evaluate.run import DEFAULT_SECTIONS, evaluate
 
     alphas = _floats(args.alphas, "--alphas")
+    if args.wandb_run_id and not args.wandb:
+        raise ConfigError("--wandb-run-id: given without --wandb. Add --wandb to log the report to that run.")
+    if args.wandb:  # before minutes of evaluation, not after
+        from emotune.tracking import check_wandb_dir
+
+        check_wandb_dir()
     report = evaluate(
         args.model,
         adapter=args.adapter,
@@ -151,6 +157,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         judge_model=args.judge,
     )
     print(f"wrote {args.out}/report.md ({', '.join(report['sections'])}) in {sum(report['timing'].values()):.0f} s")
+    if args.wandb:
+        log_eval_to_wandb(args, report)
+
+
+def log_eval_to_wandb(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """``emotune eval --wandb``: the report into the training run (resumed by its id) or a new run."""
+    from emotune.tracking import log_report, open_eval_run
+
+    run = open_eval_run(args.wandb_run_id, args.adapter, args.out)
+    try:
+        log_report(run, report, args.out)
+        print(f"logged the report to W&B run {run.id}{' (' + run.url + ')' if run.url else ''}")
+    finally:
+        run.finish()
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
@@ -229,6 +249,75 @@ def cmd_emotions(args: argparse.Namespace) -> None:
         print(f"{e.name:16s} valence {e.valence:.1f}  arousal {e.arousal:.1f}  {e.cluster}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from emotune.train import launch, shipped_recipes
+
+    if args.list:
+        print("\n".join(shipped_recipes()))
+        return
+    if not args.recipe:
+        raise ConfigError("train: no recipe given. Name a shipped recipe (see --list) or a .yaml file.")
+    status = launch(
+        args.recipe,
+        args.overrides,
+        dry_run=args.dry_run,
+        num_processes=args.num_processes,
+        num_machines=args.num_machines,
+        mixed_precision=args.mixed_precision,
+        dynamo_backend=args.dynamo_backend,
+        config_file=args.config_file,
+    )
+    if status:
+        raise SystemExit(status)  # the training process printed its own error
+
+
+def environment() -> dict[str, Any]:
+    """What ``emotune env`` prints: versions, the machine, and whether the embedded models are installed."""
+    import importlib.metadata
+    import importlib.util
+    import os
+    import platform
+
+    import torch
+
+    from emotune import __version__
+    from emotune.models import EMBEDDED, cache_dir
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info: dict[str, Any] = {"emotune": __version__}
+    info.update({name: version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate", "wandb")})
+    info.update(
+        {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu cores": os.cpu_count(),
+            "cuda devices": ", ".join(gpus) or "none",
+            "mps": "available" if torch.backends.mps.is_available() else "no",
+        }
+    )
+    for name, spec in EMBEDDED.items():
+        found = importlib.util.find_spec(spec.module) is not None
+        info[f"model {name}"] = "installed" if found else f"not installed ({spec.install})"
+    info["cache dir"] = str(cache_dir())
+    return info
+
+
+def cmd_env(args: argparse.Namespace) -> None:
+    for key, value in environment().items():
+        print(f"{key + ':':30s}{value}")
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -240,17 +329,40 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (bfloat16 where the device computes it natively, else float32) | float32 | bfloat16 | float16",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--revision", default=None, help="hub revision (recorded in the basis metadata)")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub (off by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emotune", description=__doc__.splitlines()[0])
+    from emotune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="emotune",
+        description=__doc__.splitlines()[0],
+        epilog=_examples(
+            "emotune extract --out bases/smollm2",
+            "emotune train calm",
+            "emotune eval --adapter runs/calm/adapter --out reports/calm --wandb",
+            "emotune env",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    parser.add_argument("--version", action="version", version=f"emotune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("extract", help="extract and validate an emotion basis")
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "extract",
+        help="extract and validate an emotion basis",
+        formatter_class=raw,
+        epilog=_examples(
+            "emotune extract --out bases/smollm2",
+            "emotune extract --model gemma-3-270m --emotions calm,desperate --layers 8-14 --out bases/gemma",
+            "emotune extract --model HuggingFaceTB/SmolLM2-135M-Instruct --method whitened --out bases/hub",
+        ),
+    )
     _model_args(p)
     p.add_argument("--out", required=True, help="output folder (created atomically)")
     p.add_argument("--stories", default=None, help="story .jsonl file or folder (default: shipped corpus)")
@@ -278,22 +390,36 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mean_diff", "whitened"],
         help="mean_diff: the paper's recipe; whitened: discriminant directions (docs/BASIS.md)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
     p.add_argument("--folds", type=int, default=6, help="cross-validation folds for held-out accuracy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for the folds and the validation sample")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("stories", help="let a model write emotion stories (same rules and filter as ours)")
+    p = sub.add_parser(
+        "stories",
+        help="let a model write emotion stories (same rules and filter as ours)",
+        formatter_class=raw,
+        epilog=_examples("emotune stories --model HuggingFaceTB/SmolLM2-1.7B-Instruct --out stories.jsonl"),
+    )
     _model_args(p)
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--emotions", default=None, help="comma-separated subset (default: all 171)")
-    p.add_argument("--per-emotion", type=int, default=12)
-    p.add_argument("--max-new-tokens", type=int, default=260)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-emotion", type=int, default=12, help="stories to write for each emotion")
+    p.add_argument("--max-new-tokens", type=int, default=260, help="length limit of each story, in tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=cmd_stories)
 
-    p = sub.add_parser("eval", help="evaluate a model before and after an adapter; writes a report folder")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model before and after an adapter; writes a report folder",
+        formatter_class=raw,
+        epilog=_examples(
+            "emotune eval --adapter runs/calm/adapter --out reports/calm",
+            "emotune eval --adapter runs/calm/adapter --out reports/calm --wandb   # into the training run",
+            "emotune eval --sections activations --limit 8 --out reports/base-smoke",
+        ),
+    )
     _model_args(p)
     p.add_argument("--adapter", default=None, help="adapter folder (<output_dir>/adapter); omit to evaluate the base")
     p.add_argument("--basis", default=None, help="basis folder (default: the model's cached full basis)")
@@ -310,23 +436,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=2, help="samples per scenario in generation mode")
     p.add_argument("--judge", default=None, help="optional judge model (any causal LM id) for free text")
     p.add_argument("--limit", type=int, default=None, help="use only the first N items of each set (smoke runs)")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log the report (shift table, plots, numbers, folder) to W&B: the adapter's training run, resumed "
+        "by the id in <output_dir>/wandb_run_id, else a new run in $WANDB_PROJECT (offline without an API key)",
+    )
+    p.add_argument("--wandb-run-id", default=None, help="with --wandb: the id of the run to log to")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("steer", help="generate with an emotion vector added to the residual stream")
+    p = sub.add_parser(
+        "steer",
+        help="generate with an emotion vector added to the residual stream",
+        formatter_class=raw,
+        epilog=_examples('emotune steer --emotion calm --prompt "The tests failed again." --alphas 0,0.05,0.1'),
+    )
     _model_args(p)
-    p.add_argument("--basis", default=None)
-    p.add_argument("--emotion", required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--basis", default=None, help="basis folder (default: the model's cached full basis)")
+    p.add_argument("--emotion", required=True, help="the emotion to steer towards (negative alphas: away)")
+    p.add_argument("--prompt", required=True, help="the user message to answer")
     p.add_argument("--alphas", default="0,0.1", help="strengths as fractions of r_l, comma-separated")
     p.add_argument("--layers", default=None, help="default: the basis's default layer")
-    p.add_argument("--max-new-tokens", type=int, default=80)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=80, help="length limit of each reply, in tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed set before each generation")
     p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser(
         "export",
         help="upload an adapter folder, its basis and its eval report to the Hugging Face Hub in one commit",
-        epilog="example: emotune export runs/calm/adapter --repo-id you/smollm2-calm --report runs/calm/eval",
+        formatter_class=raw,
+        epilog=_examples("emotune export runs/calm/adapter --repo-id you/smollm2-calm --report runs/calm/eval"),
     )
     p.add_argument("adapter", nargs="?", default=None, help="the adapter folder (<output_dir>/adapter)")
     p.add_argument("--adapter", dest="adapter_flag", default=None, help=argparse.SUPPRESS)  # the old spelling
@@ -369,7 +508,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("emotions", help="list the 171 emotions with our valence/arousal ratings")
     p.set_defaults(func=cmd_emotions)
+    _train_parser(sub)
+    p = sub.add_parser(
+        "env",
+        help="versions, devices and installed models: paste it into a bug report",
+        formatter_class=raw,
+        epilog=_examples("emotune env"),
+    )
+    p.set_defaults(func=cmd_env)
     return parser
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a LoRA adapter from a recipe, launched through accelerate",
+        description="Train from a recipe (a shipped name or a .yaml file); --key value pairs after it override\n"
+        "the recipe's keys (`emotune train calm --help` lists them). The recipe is checked here, before\n"
+        "accelerate launches the run. Launcher settings go before the recipe.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            "emotune train calm",
+            "emotune train calm --max_steps 4 --output_dir runs/calm-smoke --report_to none",
+            "emotune train calm --emotion_weight_scale 0 --output_dir runs/calm-control   # the plain-SFT control",
+            "emotune train --num-processes 8 --mixed-precision bf16 llama-3.1-8b-calm",
+            "emotune train --config-file fsdp my-recipe.yaml   # multi-GPU configs are untested",
+            "emotune train --list",
+        ),
+    )
+    p.add_argument("recipe", nargs="?", help="a shipped recipe name (see --list) or a .yaml file")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the recipe")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe and print the launch command only")
+    p.add_argument(
+        "--num-processes", type=int, default=None, help="training processes (default: one per GPU, one on a CPU)"
+    )
+    p.add_argument("--num-machines", type=int, default=None, help="machines (default: 1)")
+    p.add_argument(
+        "--mixed-precision",
+        choices=["no", "fp16", "bf16", "fp8"],
+        default=None,
+        help="accelerate's mixed precision (default: the recipe's bf16/fp16)",
+    )
+    p.add_argument("--dynamo-backend", default=None, help="torch.compile backend for accelerate (default: no)")
+    p.add_argument(
+        "--config-file",
+        default=None,
+        help="an accelerate config file, or a shipped one by name (ddp, fsdp, deepspeed_zero3; untested); "
+        "settings not given here come from it",
+    )
+    p.set_defaults(func=cmd_train)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -234,19 +234,29 @@ def configure_cpu_threads() -> int:
 
 
 def parse_device(device: str | torch.device) -> torch.device:
-    """A torch device that exists on this machine; a typo or a missing GPU raises before the model loads."""
+    """A torch device that exists on this machine; a typo or a missing GPU raises before the model loads.
+    ``"auto"`` is the best one there is (``auto_device``)."""
+    if device == "auto":
+        return auto_device()
     try:
         value = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(
-            f"--device {device!r}: not a device name. Use cpu, cuda, cuda:N or mps (or leave it out for cpu)."
-        ) from None
+        raise ConfigError(f"--device {device!r}: not a device name. Use auto, cpu, cuda, cuda:N or mps.") from None
     if value.type == "cuda" and (not torch.cuda.is_available() or (value.index or 0) >= torch.cuda.device_count()):
         found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA GPU"
         raise ConfigError(f"--device {device!r}: this machine has {found}. Use --device cpu, or a GPU it has.")
     if value.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"--device {device!r}: MPS is not available on this machine. Use --device cpu.")
     return value
+
+
+def auto_device() -> torch.device:
+    """CUDA (the current device), then Apple's MPS, then the CPU: the first this machine has."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def load_model(

@@ -53,6 +53,18 @@ class ScriptArguments:
     max_examples: int | None = field(
         default=None, metadata={"help": "Use only the first N conversations (smoke runs)."}
     )
+    eval_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of the conversations (seeded, per combination of tags) as an eval "
+            "split with the same tag masks; with eval_strategy: steps, the emotion terms and projections are "
+            "measured on it and logged as eval/emotion/*."
+        },
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Held-out conversations (.jsonl, folder or hub id) instead of eval_fraction."},
+    )
 
 
 def parse_recipe(argv: Sequence[str] | None = None) -> tuple[ScriptArguments, Any, Any]:
@@ -148,20 +160,15 @@ def _has_hub_token() -> bool:
 
 def setup_wandb(config: Any) -> None:
     """With W&B requested but no API key (or no network), run offline and say so once."""
-    report_to = config.report_to if isinstance(config.report_to, list) else [config.report_to]
-    if "wandb" not in report_to or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        return
-    has_key = bool(os.environ.get("WANDB_API_KEY"))
-    if not has_key:
-        try:
-            import netrc
+    from emotune.tracking import offline_without_key
 
-            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
-        except (OSError, netrc.NetrcParseError):
-            has_key = False
-    if not has_key:
-        os.environ["WANDB_MODE"] = "offline"
-        logger.warning("W&B: no API key found, so this run logs offline to ./wandb (sync later with `wandb sync`).")
+    if _reports_to_wandb(config):
+        offline_without_key()
+
+
+def _reports_to_wandb(config: Any) -> bool:
+    report_to = config.report_to if isinstance(config.report_to, list) else [config.report_to]
+    return "wandb" in report_to
 
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -250,7 +257,9 @@ def resolve_resume(config: Any) -> str | None:
     return str(found)
 
 
-def preflight(script: ScriptArguments, config: Any, model_args: Any) -> None:
+def preflight(script: ScriptArguments, config: Any, model_args: Any, apply: bool = True) -> None:
+    """Every check that needs no model. ``apply=False`` (``emotune train``, in the launching parent) checks only:
+    it leaves an earlier run that ``--overwrite_output_dir true`` replaces to the training process."""
     from emotune.io import check_output_dir
 
     if config.push_to_hub and not _has_hub_token():
@@ -269,9 +278,31 @@ def preflight(script: ScriptArguments, config: Any, model_args: Any) -> None:
             f"output_dir {out}: holds an earlier emotune run. Resume it with --resume_from_checkpoint "
             "true, overwrite it with --overwrite_output_dir true, or choose a new output_dir."
         )
-    if (out / "emotune_run.json").exists() and config.overwrite_output_dir and not config.resume_from_checkpoint:
+    replace = (out / "emotune_run.json").exists() and config.overwrite_output_dir and not config.resume_from_checkpoint
+    if replace and apply:
         shutil.rmtree(out)  # ours (it holds emotune_run.json), and the user asked for it
-    check_output_dir(out / "adapter", marker="adapter_config.json")
+    if not replace:
+        check_output_dir(out / "adapter", marker="adapter_config.json")
+    if _reports_to_wandb(config):
+        from emotune.tracking import check_wandb_dir
+
+        check_wandb_dir()
+    evaluates = str(getattr(config.eval_strategy, "value", config.eval_strategy)) != "no"
+    held_out = script.eval_fraction > 0 or script.eval_dataset
+    if not 0 <= script.eval_fraction < 1:
+        raise ConfigError(f"eval_fraction: {script.eval_fraction} must be in [0, 1). Use e.g. 0.1, or 0 for none.")
+    if script.eval_fraction > 0 and script.eval_dataset:
+        raise ConfigError("eval_fraction and eval_dataset are both set. Keep one: a split of the data, or a file.")
+    if held_out and not evaluates:
+        raise ConfigError(
+            "eval_fraction/eval_dataset: a held-out split is set, but eval_strategy is 'no', so it would never be "
+            "evaluated. Set eval_strategy: steps (and eval_steps), or drop the held-out split."
+        )
+    if evaluates and not held_out:
+        raise ConfigError(
+            f"eval_strategy: {getattr(config.eval_strategy, 'value', config.eval_strategy)} needs held-out "
+            "conversations. Set eval_fraction (e.g. 0.1) or eval_dataset, or set eval_strategy: no."
+        )
     if model_args.model_name_or_path is None:
         raise ConfigError("model_name_or_path: missing. Set it in the recipe (e.g. smollm2-135m-instruct).")
     if model_args.dtype not in (None, "auto"):  # a recipe's value is not checked against the flag's choices
@@ -303,6 +334,20 @@ def resolve_basis(config: Any, model: Any, tokenizer: Any) -> Any:
     for term in config.terms:
         layers |= set(resolve_layers(model, term.layers)) if term.layers else set()
     return cached_basis(model, tokenizer, sorted(layers) or None)
+
+
+def basis_on_accelerator(config: Any, model: Any, tokenizer: Any) -> Any:
+    """``resolve_basis`` once per machine, on the training device: the main process (and the first process of each
+    further machine, whose disk may not share the cache) extracts and caches the basis while the others wait, then
+    they load the cache. Extraction is a forward pass over the corpus, minutes on a CPU and seconds on a GPU, so
+    the model goes to the accelerator first (Trainer would move it there next anyway)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if config.device.type != "cpu":
+        model.to(config.device)
+    with state.main_process_first(), state.local_main_process_first():
+        return resolve_basis(config, model, tokenizer)
 
 
 def _layer_keys(config: Any) -> list[tuple[str, list[int] | None]]:
@@ -350,25 +395,56 @@ def check_basis_fit(config: Any, model: Any, basis: Any) -> None:
             )
 
 
-def build_dataset(script: ScriptArguments, config: Any, tokenizer: Any) -> tuple[Any, dict[str, int]]:
-    from datasets import Dataset
+def held_out_split(conversations: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """``(train, held_out)``: ``fraction`` of each group of conversations that carry the same tags, drawn with
+    ``seed``, so that the held-out split has every kind of context the terms' masks select (at least one of each
+    group of two or more)."""
+    import random
 
-    from emotune.conversations import check_tags_present, load_conversations, tag_index, tokenize_conversation
+    groups: dict[tuple[str, ...], list[Any]] = {}
+    for c in conversations:
+        groups.setdefault(tuple(sorted(c.tags)), []).append(c)
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for members in groups.values():
+        if len(members) > 1:
+            held |= {id(c) for c in rng.sample(members, max(1, round(fraction * len(members))))}
+    return [c for c in conversations if id(c) not in held], [c for c in conversations if id(c) in held]
+
+
+def load_training_conversations(script: ScriptArguments, config: Any) -> tuple[list[Any], list[Any]]:
+    """``(train, held_out)`` conversations, with every tag the recipe's terms use checked present in training."""
+    from emotune.conversations import check_tags_present, load_conversations
 
     conversations = load_conversations(script.dataset, split=script.dataset_split)
     if script.max_examples:
         conversations = conversations[: script.max_examples]
-    wanted = {t for term in config.terms for t in term.tags}
-    if config.drift_weight > 0:
-        wanted |= set(config.drift_tags)
+    held_out: list[Any] = []
+    if script.eval_dataset:
+        held_out = load_conversations(script.eval_dataset, split=script.dataset_split)
+    elif script.eval_fraction > 0:
+        conversations, held_out = held_out_split(conversations, script.eval_fraction, config.seed)
     data = f", dataset {script.dataset}" if script.dataset else ""
     for i, term in enumerate(config.terms):
         check_tags_present(conversations, term.tags, where=f"emotion_terms[{i}] ({term.emotion}){data}")
     if config.drift_weight > 0:
         check_tags_present(conversations, config.drift_tags, where=f"drift_tags{data}")
-    bits = tag_index(wanted | {t for c in conversations for t in c.tags})
-    rows = [tokenize_conversation(c, tokenizer, bits, config.max_length) for c in conversations]
-    return Dataset.from_list(rows), bits
+    return conversations, held_out
+
+
+def build_dataset(script: ScriptArguments, config: Any, tokenizer: Any) -> tuple[Any, Any, dict[str, int]]:
+    """``(train, eval or None, tag bits)``: tokenised conversations with their tag masks, both with one tag map."""
+    from datasets import Dataset
+
+    from emotune.conversations import tag_index, tokenize_conversation
+
+    conversations, held_out = load_training_conversations(script, config)
+    wanted = {t for term in config.terms for t in term.tags}
+    if config.drift_weight > 0:
+        wanted |= set(config.drift_tags)
+    bits = tag_index(wanted | {t for c in [*conversations, *held_out] for t in c.tags})
+    tokenize = lambda cs: Dataset.from_list([tokenize_conversation(c, tokenizer, bits, config.max_length) for c in cs])
+    return tokenize(conversations), tokenize(held_out) if held_out else None, bits
 
 
 def redacted_recipe(script: ScriptArguments, config: Any, model_args: Any) -> str:
@@ -437,7 +513,7 @@ def final_evaluation(trainer: Any, tokenizer: Any, basis: Any, config: Any) -> d
         report = evaluate_model(
             model, tokenizer, basis, adapter_info=info, sections=("activations", "behaviour", "capability")
         )
-    write_report(report, Path(config.output_dir) / "eval")
+    folder = write_report(report, Path(config.output_dir) / "eval")
     headline: dict[str, Any] = {}
     for layer in map(str, report["trained_layers"]):
         for row in report["activations"]["sets"]["failure"]["layers"][layer]["targeted"]:
@@ -454,11 +530,109 @@ def final_evaluation(trainer: Any, tokenizer: Any, basis: Any, config: Any) -> d
         import wandb
 
         if wandb.run is not None:
+            from emotune.tracking import log_report
+
             wandb.log(headline)
             wandb.run.summary.update(headline)
+            log_report(wandb.run, report, folder)
     except ImportError:
         pass
     return headline
+
+
+RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the wheel; the checkout's recipes/ links here
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe file: ``name`` as a path, else a shipped recipe by name (``calm`` or ``calm.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = RECIPES / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if path.name == str(path) and shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"{name}: no such recipe file, and not a shipped recipe. Pass a .yaml path, or one of "
+        f"{', '.join(shipped_recipes()) or '(none shipped)'}."
+    )
+
+
+def check_recipe(argv: Sequence[str]) -> tuple[ScriptArguments, Any, Any]:
+    """Every check of a recipe that needs no model, with no side effects: what ``emotune train`` runs before it
+    launches, so that a bad recipe gives our one-line error alone (exit 2), not a launcher's traceback too."""
+    script, config, model_args = parse_recipe(argv)
+    preflight(script, config, model_args, apply=False)
+    resolve_resume(config)
+    load_training_conversations(script, config)
+    return script, config, model_args
+
+
+def launch_args(
+    config: Any,
+    *,
+    num_processes: int | None = None,
+    num_machines: int | None = None,
+    mixed_precision: str | None = None,
+    dynamo_backend: str | None = None,
+    config_file: str | None = None,
+) -> list[str]:
+    """``accelerate launch`` settings for a checked recipe. Without an accelerate config file every setting is
+    passed explicitly (accelerate warns about each one it has to guess): one process per GPU (one on a CPU), the
+    recipe's mixed precision, no dynamo. With a config file, only the settings given here override it."""
+    given = {
+        "--num_processes": num_processes,
+        "--num_machines": num_machines,
+        "--mixed_precision": mixed_precision,
+        "--dynamo_backend": dynamo_backend,
+    }
+    if config_file:
+        return ["--config_file", config_file, *[x for k, v in given.items() if v is not None for x in (k, str(v))]]
+    gpus = 0 if config.use_cpu else torch.cuda.device_count()
+    defaults = {
+        "--num_processes": max(gpus, 1),
+        "--num_machines": 1,
+        "--mixed_precision": "bf16" if config.bf16 else "fp16" if config.fp16 else "no",
+        "--dynamo_backend": "no",
+    }
+    out = [x for k, v in given.items() for x in (k, str(defaults[k] if v is None else v))]
+    if int(out[1]) > 1 and not config.use_cpu:
+        out.append("--multi_gpu")
+    return out
+
+
+def launch(recipe: str, overrides: Sequence[str] = (), *, dry_run: bool = False, **settings: Any) -> int:
+    """``emotune train RECIPE [--key value ...]``: check the recipe here, then run ``emotune.train`` under
+    ``accelerate launch`` (as ``trl sft`` does). Returns the training process's exit status."""
+    import shlex
+
+    argv = [str(find_recipe(recipe)), *overrides]
+    script, config, model_args = check_recipe(argv)
+    config_file = settings.get("config_file")
+    if config_file and not Path(config_file).is_file():
+        shipped = RECIPES / "accelerate_configs" / f"{config_file}.yaml"
+        if not shipped.is_file():
+            names = ", ".join(sorted(p.stem for p in (RECIPES / "accelerate_configs").glob("*.yaml")))
+            raise ConfigError(
+                f"--config-file {config_file}: no such file. Pass an accelerate config file, or one of {names}."
+            )
+        settings["config_file"] = str(shipped)
+    command = [*launch_args(config, **settings), "--module", "emotune.train", *argv]
+    print("accelerate launch " + shlex.join(command), flush=True)
+    if dry_run:
+        return 0
+    import subprocess
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    try:
+        launch_command(launch_command_parser().parse_args(command))
+    except subprocess.CalledProcessError as exc:  # the training process printed its own error
+        return exc.returncode
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -501,9 +675,9 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
         attn_implementation=getattr(model_args, "attn_implementation", None),
     )
     check_model_fit(config, model)  # a layer out of range or a too-long max_length fails here, named by its key
-    basis = resolve_basis(config, model, tokenizer)
+    basis = basis_on_accelerator(config, model, tokenizer)
     check_basis_fit(config, model, basis)
-    dataset, bits = build_dataset(script, config, tokenizer)
+    dataset, eval_dataset, bits = build_dataset(script, config, tokenizer)
     # We push the finished adapter folder ourselves; Trainer's own push would create the repo at init
     # and upload checkpoints as they come.
     push, config.push_to_hub = config.push_to_hub, False
@@ -516,11 +690,19 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
         model=model,
         args=config,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         basis=basis,
         tag_bits=bits,
     )
+    if _reports_to_wandb(config):
+        from transformers.integrations import WandbCallback
+
+        from emotune.tracking import EmotuneWandbCallback
+
+        trainer.remove_callback(WandbCallback)
+        trainer.add_callback(EmotuneWandbCallback(basis))
     out = Path(config.output_dir)
     if trainer.is_world_process_zero():
         write_json_atomic(out / "emotune_run.json", run_info(config, model_args, model))

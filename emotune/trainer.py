@@ -409,12 +409,23 @@ class EmotuneTrainer(SFTTrainer):
                 "drift_weight > 0 needs a PEFT model (use_peft: true), to run the base model by disabling the adapter."
             )
         forward_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        with torch.no_grad(), disable(), capture(unwrapped, self.drift_layers, stop_after_last=True) as store:
+        # Stopping mid-forward skips the post-forward hooks of every later module. Under FSDP or ZeRO-3 those
+        # hooks re-shard the parameters and keep the ranks' collectives in step, so a sharded model runs the whole
+        # forward (LM head included): slower, and the safe choice until a multi-GPU run shows the shortcut holds.
+        stop = not self.model_is_sharded()
+        with torch.no_grad(), disable(), capture(unwrapped, self.drift_layers, stop_after_last=stop) as store:
             try:
                 unwrapped(**forward_inputs, use_cache=False)
             except StopForward:
                 pass
         return {layer: h.detach() for layer, h in store.items()}
+
+    def model_is_sharded(self) -> bool:
+        """Whether parameters are sharded across processes (FSDP, or DeepSpeed ZeRO stage 3)."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return True
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        return plugin is not None and getattr(plugin, "zero_stage", None) == 3
 
     # -- the one override ----------------------------------------------------------------
 

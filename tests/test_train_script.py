@@ -144,8 +144,8 @@ def test_wandb_without_a_key_runs_offline_and_logs_emotion_and_eval_metrics(tiny
     assert len(runs) == 1
     logged = runs[0].read_bytes()
     for key in (
-        b"train/emotion/penalize_desperate",
-        b"train/emotion/proj_calm@failure",
+        b"emotion/penalize_desperate",  # the emotion section of its own (tracking.EmotuneWandbCallback)
+        b"emotion/proj_calm@failure",
         b"train/learning_rate",
         b"eval/shift_desperate@L2",
         b"eval/perplexity_change",

@@ -240,7 +240,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
             lines.append("|---|---|" + "---|" * len(report["targeted"]) + "---|")
             for layer, entry in data["layers"].items():
-                cells = [_fmt_ci(r) for r in entry["targeted"]]
+                # look each cell up by name: entry["targeted"] follows the basis's emotion order, which
+                # need not be report["targeted"]'s (that mismatch once swapped the two columns' labels)
+                by_emotion = {r["emotion"]: r for r in entry["targeted"]}
+                cells = [_fmt_ci(by_emotion[e]) if e in by_emotion else "-" for e in report["targeted"]]
                 drift = entry["drift"].get("mean_abs_shift", 0.0)
                 trained = "yes" if int(layer) in report["trained_layers"] else "no"
                 lines.append(f"| {layer} | {trained} | " + " | ".join(cells) + f" | {drift:.4f} |")

@@ -314,7 +314,8 @@ def reliability(rows: Sequence[dict], ks: Sequence[int | None] = K_CANDIDATES, s
         gap = pressure_gap(rescore(rows, k), seed=seed)
         out[str(k or "all")] = {
             "token_split_half_r": r,
-            "spearman_brown": 2 * r / (1 + r) if r == r and r > -1 else math.nan,
+            # Spearman-Brown is defined for a positive half-test correlation; below that the halves disagree
+            "spearman_brown": 2 * r / (1 + r) if r == r and r > 0 else math.nan,
             "halves_sign_agreement": float(np.mean(agree)),
             "halves_mean_abs_diff": float(np.mean(spread)),
             "gap": gap.get("mean"),

@@ -476,14 +476,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "![steering](steering.png)",
             "",
-            "| emotion | alpha | unethical rate | high | none | gap |",
-            "|---|---|---|---|---|---|",
+            "| emotion | alpha | m [95% CI] | pressure gap of m | unethical rate (m > 0) | high | none |",
+            "|---|---|---|---|---|---|---|",
         ]
         for emotion, curve in st["curves"].items():
             for p in curve:
                 lines.append(
-                    f"| {emotion} | {p['alpha']:+.2f} | {p['rate_all']:.2f} [{p['lo_all']:.2f}, {p['hi_all']:.2f}] "
-                    f"| {p['rate_high']:.2f} | {p['rate_none']:.2f} | {p['pressure_gap']:+.2f} |"
+                    f"| {emotion} | {p['alpha']:+.2f} | {p['m']:+.4f} [{p['m_lo']:+.4f}, {p['m_hi']:+.4f}] | "
+                    f"{_num(p['pressure_gap'])} | {p['rate_all']:.2f} [{p['lo_all']:.2f}, {p['hi_all']:.2f}] "
+                    f"| {p['rate_high']:.2f} | {p['rate_none']:.2f} |"
                 )
         lines.append("")
     if cap:

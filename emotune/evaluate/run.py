@@ -622,15 +622,25 @@ def check_inputs(
         raise ConfigError(f"--control {control}: a control needs at least one other adapter to compare with.")
     if "concealment" in sections and not adapters:
         raise ConfigError("--sections concealment: needs an --adapter (it compares an adapter with its basis).")
-    if basis is not None and not (Path(basis) / "basis.json").is_file():
-        raise DataError(
-            f"--basis {basis}: not a basis folder (no basis.json). Pass a folder written by emotune extract."
-        )
+    if basis is not None:
+        _load_basis_flag(basis)  # reading a basis is cheap; checking it against the model waits for the model
     scenarios = behaviour.load_scenarios(suite)
     act.load_contexts(contexts)
     if out is not None:
         check_output_dir(out, marker="report.json")
     del scenarios
+
+
+def _load_basis_flag(basis: str | Path, model: Any = None) -> EmotionBasis:
+    """``EmotionBasis.load`` (and ``check_model`` once there is a model), errors naming --basis."""
+    try:
+        emotion_basis = EmotionBasis.load(basis)
+        if model is not None:
+            emotion_basis.check_model(model)
+    except EmotuneError as exc:  # name the flag (and the folder, where the message does not)
+        where = "--basis" if str(exc).startswith(str(basis)) else f"--basis {basis}"
+        raise type(exc)(f"{where}: {exc}") from None
+    return emotion_basis
 
 
 def evaluate(
@@ -669,26 +679,20 @@ def evaluate(
     model, tokenizer = load_model(
         model_name, dtype=dtype, device=device, revision=revision, trust_remote_code=trust_remote_code
     )
-    basis_source = "cached"
-    if basis is None:
-        own = next((f / "basis" for f in adapters.values() if (f / "basis" / "basis.json").is_file()), None)
-        if own is not None:
-            basis, basis_source = own, "adapter"
-    if basis is not None:
-        basis_source = basis_source if basis_source == "adapter" else "--basis"
-        try:
-            emotion_basis = EmotionBasis.load(basis)
-            emotion_basis.check_model(model)
-        except EmotuneError as exc:  # name the flag (and the folder, where the message does not)
-            where = "--basis" if str(exc).startswith(str(basis)) else f"--basis {basis}"
-            raise type(exc)(f"{where}: {exc}") from None
-    else:
+    # without --basis: the vectors the (first) adapter was trained with, where it ships them, else the cached
+    # basis (extracted before any adapter wraps the model, so that it is the base model's)
+    own = next((f / "basis" for f in adapters.values() if (f / "basis" / "basis.json").is_file()), None)
+    emotion_basis = _load_basis_flag(basis, model) if basis is not None else None
+    if emotion_basis is None and own is None:
         emotion_basis = cached_basis(model, tokenizer)
     infos: dict[str, dict[str, Any]] = {}
     for name, folder in adapters.items():
-        model, infos[name] = load_adapter(model, folder, name)
+        model, infos[name] = load_adapter(model, folder, name)  # checks the basis metadata it ships
         if (folder / "basis" / "basis.json").is_file():
             infos[name]["trained_basis"] = EmotionBasis.load(folder / "basis")
+    if emotion_basis is None:
+        basis = own
+        emotion_basis = next(i["trained_basis"] for i in infos.values() if "trained_basis" in i)
     with torch.no_grad():
         report = evaluate_model(
             model, tokenizer, emotion_basis, adapters=infos if adapters else None, control=control, **kwargs
@@ -696,7 +700,7 @@ def evaluate(
     for entry in infos.values():
         entry.pop("trained_basis", None)
     report["model_name"] = model_name
-    report["basis_source"] = str(basis) if basis is not None else basis_source
+    report["basis_source"] = str(basis) if basis is not None else "cached"
     report["arguments"] = arguments or {
         "model": model_name,
         "adapter": {n: str(p) for n, p in adapters.items()},

@@ -285,8 +285,9 @@ def leverage_section(
         {layer: grads[layer][held_idx]}, basis, n_random=n_random, seed=seed, extra={"contrastive": {layer: vector}}
     )[str(layer)]["emotions"]["contrastive"]
     table = leverage_table(grads, basis, n_random=n_random, seed=seed)
-    # the real-steering check on the first items: two emotions, the control vector and two random directions
-    sub = list(range(min(check_items, len(scenarios))))
+    # the real-steering check on a spread of items: two emotions, the control vector and two random directions
+    # spread over the suite (it is ordered by category), so the check sees every category
+    sub = list(range(0, len(scenarios), max(1, len(scenarios) // max(1, check_items))))[:check_items]
     rand = random_directions(2, vector.numel(), seed + 1)
     directions = {e: basis.vector(e, layer) for e in REPORTED if e in basis.emotions}
     directions.update({"contrastive": vector, "random-0": rand[0], "random-1": rand[1]})

@@ -63,7 +63,6 @@ def test_first_order_leverage_agrees_with_finite_difference_steering(tiny, scena
     layer = basis.layers[1]
     subset = scenarios[:3]
     grads, _ = leverage.item_gradients(model, tok, subset, [layer])
-    base = behaviour.score_scenarios(model, tok, subset)
     v = basis.vector("desperate", layer)
     # a central difference: its error is second order in eps, so a float32-sized step stays accurate
     eps = 0.02 * basis.scale(layer)

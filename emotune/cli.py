@@ -142,6 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = evaluate(
         args.model,
         adapter=args.adapter,
+        control=args.control,
         basis=args.basis,
         out=args.out,
         dtype=args.dtype,
@@ -155,6 +156,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         generation_k=args.k,
         steering_alphas=alphas,
         judge_model=args.judge,
+        k=args.prefix_tokens or None,
+        n_random=args.n_random,
+        arguments={k: v for k, v in vars(args).items() if k != "func"},
     )
     print(f"wrote {args.out}/report.md ({', '.join(report['sections'])}) in {sum(report['timing'].values()):.0f} s")
     if args.wandb:
@@ -421,15 +425,33 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _model_args(p)
-    p.add_argument("--adapter", default=None, help="adapter folder (<output_dir>/adapter); omit to evaluate the base")
-    p.add_argument("--basis", default=None, help="basis folder (default: the model's cached full basis)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        help="NAME=PATH or PATH of an adapter folder (<output_dir>/adapter); repeat for several, scored in one "
+        "process against one scoring of the base; omit to evaluate the base",
+    )
+    p.add_argument("--control", default=None, help="the adapter NAME the others are contrasted with (besides base)")
+    p.add_argument(
+        "--basis",
+        default=None,
+        help="basis folder (default: the first adapter's own basis/, else the model's cached full basis)",
+    )
     p.add_argument("--out", required=True, help="report folder (created atomically)")
     p.add_argument(
         "--sections",
         default=None,
-        help="comma-separated: activations,concealment,behaviour,capability,steering,generation "
-        "(default: activations,behaviour,capability,steering)",
+        help="comma-separated: activations,concealment,behaviour,capability,steering,leverage,reliability,"
+        "generation (default: activations,behaviour,capability,steering)",
     )
+    p.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=16,
+        help="k: the behaviour metric scores the first k tokens of each continuation (0 = all; default 16)",
+    )
+    p.add_argument("--n-random", type=int, default=1000, help="random directions in the leverage null")
     p.add_argument("--suite", default=None, help="scenario suite: 'default' or a .jsonl file")
     p.add_argument("--contexts", default=None, help="context-set .jsonl (default: shipped held-out contexts)")
     p.add_argument("--alphas", default="-0.1,-0.05,0,0.05,0.1", help="steering strengths (fractions of r_l)")

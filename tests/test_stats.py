@@ -217,9 +217,10 @@ def test_cohens_d_with_unequal_sizes_uses_the_pooled_sd():
     assert cohens_d(a, b) == pytest.approx((4.0 - 2.0) / pooled, abs=1e-12)
 
 
-def test_cohens_d_degenerate():
-    assert cohens_d([1.0, 1.0, 1.0], [2.0, 2.0]) == 0.0
-    assert cohens_d([0.1] * 5, [0.1] * 5) == 0.0
+def test_cohens_d_of_constant_but_different_samples_is_infinite_not_zero():
+    assert cohens_d([1.0, 1.0, 1.0], [2.0, 2.0]) == -math.inf
+    assert cohens_d([2.0, 2.0], [1.0, 1.0, 1.0]) == math.inf
+    assert math.isnan(cohens_d([0.1] * 5, [0.1] * 5))
     with pytest.raises(ValueError):
         cohens_d([1.0], [2.0])
 
@@ -229,8 +230,41 @@ def test_paired_cohens_d():
     after = [1.0, 2.0, 3.0]  # diffs mean 2, SD 1
     assert paired_cohens_d(before, after) == pytest.approx(2.0)
     assert paired_cohens_d(after, before) == pytest.approx(-2.0)
-    assert paired_cohens_d([1.0, 2.0], [1.5, 2.5]) == 0.0  # constant difference: no spread
+    assert paired_cohens_d([1.0, 2.0], [1.5, 2.5]) == math.inf  # a constant positive difference: no spread
+    assert math.isnan(paired_cohens_d([1.0, 2.0], [1.0, 2.0]))
     with pytest.raises(ValueError):
         paired_cohens_d([1.0], [2.0])
     with pytest.raises(ValueError):
         paired_cohens_d([1.0, 2.0], [2.0])
+
+
+def test_sign_flip_p_is_exact_on_a_small_known_case():
+    from emotune.evaluate.stats import sign_flip_p
+
+    # 5 positive differences: of the 2^5 sign patterns only all-plus and all-minus reach |sum| = 15
+    assert sign_flip_p([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2 / 32)
+    # flipping whole clusters: two clusters behave like 2 items (2 of 4 patterns reach |sum| = 6), where
+    # the same 4 values as independent items give 2 of 16
+    assert sign_flip_p([1.0, 1.0, 2.0, 2.0], clusters=["a", "a", "b", "b"]) == pytest.approx(0.5)
+    assert sign_flip_p([1.0, 1.0, 2.0, 2.0]) == pytest.approx(2 / 16)
+
+
+def test_paired_contrast_clusters_by_pair_and_reports_the_minimum_detectable_effect():
+    from emotune.evaluate.stats import paired_contrast
+
+    rng = np.random.default_rng(0)
+    before = rng.normal(size=60)
+    after = before + 0.5 + rng.normal(scale=0.2, size=60)
+    out = paired_contrast(before, after, clusters=[i // 2 for i in range(60)])
+    assert out["n"] == 60 and out["n_clusters"] == 30
+    assert out["lo"] < 0.5 < out["hi"] and out["p_perm"] < 0.001
+    assert out["mde"] == pytest.approx(2.8016 * out["sd_cluster"] / math.sqrt(30), rel=1e-3)
+
+
+def test_holm_adjusts_step_down_and_stays_monotone():
+    from emotune.evaluate.stats import holm
+
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    # sorted 0.01, 0.03, 0.04 -> x3, x2, x1 = 0.03, 0.06, max(0.06, 0.04)
+    assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}

@@ -1,13 +1,17 @@
-"""Concealment check: did training lower an emotion, or only rotate it away from the old vector?
+"""Concealment check: did training lower an emotion, or only rotate it away from the vector it was trained on?
 
 The paper warns that suppressing an emotion's expression may teach a model to hide it. So we
-re-extract the basis on the adapted model and compare: the cosine between old and new
-vectors of each targeted emotion, and the shift on failure contexts measured with the old
-basis beside the shift measured with the new one. If the old basis shows a large drop but the
-new one shows little, the representation moved rather than the state: that is flagged.
+compare the basis the adapter was *trained with* (``<adapter>/basis/``, "old") with the basis
+re-extracted on the adapted model ("new"): the cosine between old and new vectors of each targeted
+emotion, and the shift on failure contexts measured with the old basis beside the shift measured
+with the new one (``seen_fraction`` = new / old: the share of the shift the new vectors see). If the
+old basis shows a large drop but the new one shows little, the representation moved rather than the
+state: that is flagged.
 
-Both bases are extracted here, on the same emotions and stories, base (adapter off) and
-adapted (adapter on), so they differ only by the adapter.
+The new basis is extracted on a subset of emotions, and extraction centres over the emotions it is
+given, so a reference basis is re-extracted on the same subset with the adapter off: cos(old, ref)
+is what the extraction alone gives, the ceiling against which cos(old, new) is read. Without a
+training basis (an adapter folder without basis/), the reference basis stands in for "old".
 """
 
 from __future__ import annotations
@@ -92,15 +96,29 @@ def concealment_check(
     targeted: Sequence[str],
     layers: Sequence[int],
     emotions: Sequence[str],
+    *,
+    trained_basis: EmotionBasis | None = None,
 ) -> dict[str, Any]:
-    """Re-extract on ``emotions`` (which must include the targeted ones) with the adapter off and on."""
+    """Re-extract on ``emotions`` (which must include the targeted ones) with the adapter off and on, and
+    compare with ``trained_basis`` (the adapter's own) where given."""
     subset = list(dict.fromkeys([*targeted, *emotions]))
-    old = reextract(model, tokenizer, subset, layers, adapter=False)
+    if trained_basis is not None:
+        layers = [layer for layer in layers if layer in trained_basis.layers]
+        targeted = [e for e in targeted if e in trained_basis.emotions]
+    ref = reextract(model, tokenizer, subset, layers, adapter=False)
     new = reextract(model, tokenizer, subset, layers, adapter=True)
+    old = trained_basis if trained_basis is not None else ref
     base_old = context_projections(model, tokenizer, old, contexts, layers, adapter=False)
     adapted_old = context_projections(model, tokenizer, old, contexts, layers, adapter=True)
     base_new = context_projections(model, tokenizer, new, contexts, layers, adapter=False)
     adapted_new = context_projections(model, tokenizer, new, contexts, layers, adapter=True)
     result = compare_bases(old, new, targeted, base_old, adapted_old, adapted_new, base_new)
+    for row in result["rows"]:
+        e, layer = row["emotion"], row["layer"]
+        row["cosine_old_ref"] = float(old.vector(e, layer) @ ref.vector(e, layer))
+        row["cosine_ref_new"] = float(ref.vector(e, layer) @ new.vector(e, layer))
+        old_shift = row["shift_old_basis"]
+        row["seen_fraction"] = row["shift_new_basis"] / old_shift if old_shift else None
     result["emotions"] = subset
+    result["old_basis"] = "trained" if trained_basis is not None else "re-extracted with the adapter off"
     return result

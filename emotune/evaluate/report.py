@@ -1,7 +1,12 @@
-"""Render an evaluation: report.json (every figure), report.md (one page) and PNG plots."""
+"""Render an evaluation as a dataset: report.json (every figure), samples.jsonl (every per-item row),
+report.md (one page) and PNG plots. ``SCHEMA`` documents report.json; docs/EVALUATION.md summarises it.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +15,78 @@ from emotune.validation import _plt
 
 BASE_COLOUR, ADAPTED_COLOUR = "#7f7f7f", "#1f77b4"
 
+FORMAT = "emotune.eval/2"
+
+# report.json, top-level keys (a section is present only when it ran). m is the calibrated metric of
+# behaviour.py in nats/token, positive = the unethical continuation preferred. Every contrast is
+# {mean, lo, hi, p_boot, p_perm, n, n_clusters, d, sd_cluster, mde}: paired by scenario, clustered by pair.
+SCHEMA: dict[str, str] = {
+    "format": f"this format's tag, {FORMAT!r}",
+    "emotune_version": "the emotune version that wrote the report",
+    "created": "UTC timestamp (ISO 8601) of the write",
+    "arguments": "the evaluate() arguments: model, adapter {name: path}, control, basis, dtype, sections, ...",
+    "model_name / model / source": "the evaluated base model: name, basis metadata, hub id and revision",
+    "basis_source": "which basis was used: --basis, the first adapter's basis/ folder, or the cached one",
+    "adapter": "the first adapter's path (None for a base-only report)",
+    "adapters": "{name: {path, targeted, trained_layers, and with several adapters: per-adapter sections}}",
+    "control": "the adapter named by --control, or None",
+    "targeted / trained_layers / untrained_layers": "of the first adapter (its recipe), else desperate, calm",
+    "k": "the prefix length (tokens) of the metric; None = every token",
+    "activations": "shift of every emotion's projection on failure/neutral/success contexts, per layer",
+    "concealment": "rows {emotion, layer, cosine_old_new, cosine_old_ref, shift_old_basis, shift_new_basis, "
+    "seen_fraction, flag}, old = the adapter's training basis; verdict",
+    "behaviour": "base and states[name]: mean m with CI, rates (m > 0) with Wilson CI, mean P(unethical), "
+    "pressure_gap {mean, lo, hi, p_perm, t, n_pairs}, by_category; contrasts['X - base' / 'X - control'] per "
+    "pressure (high/none/all) with mcnemar, and pressure_gap_change; holm: Holm-adjusted p of the 'all' contrasts",
+    "reliability": "by_k {k: token split-half r, Spearman-Brown, halves' sign agreement, gap, gap t}; "
+    "paraphrase {n, r, mean_abs_delta}; noise_floor {max_abs_delta_m, mean_abs_delta_m} of bf16 vs fp32",
+    "leverage": "table[layer].emotions[e] = {leverage (d mean m / d alpha), percentile and p_null in the random "
+    "null, z_null}; steering_check (first order vs real steering); positive_control {effect, steerable, verdict}",
+    "steering": "curves[emotion] = [{alpha, m, m_lo, m_hi, rate_*, pressure_gap}] on the base model",
+    "capability": "perplexity on neutral replies, multiple-choice accuracy, base and adapted",
+    "generation": "sampled coding tasks, blackmail replies and the failure loop, base and adapted",
+    "timing": "seconds per section",
+    "samples": "file name of the per-item rows beside report.json (samples.jsonl), and their count per kind",
+}
+
+# samples.jsonl: one JSON object a line, {"kind", "state", ...row}. kinds: "behaviour" (a scenario scored
+# in a state: id, pair, pressure, category, m, unethical, p_unethical, ll_*, lp = the four token
+# log-prob lists), "paraphrase" (the same on a paraphrased context), "steering" (leverage check and
+# positive control: id, direction, layer, alpha, m_base, m_steered, real, predicted), "leverage" (id,
+# layer, emotion, the item's first-order leverage).
+SAMPLES = "samples.jsonl"
+
+
+def split_samples(report: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The report without its per-item rows, and those rows as samples.jsonl lines."""
+    out = dict(report)
+    samples: list[dict[str, Any]] = []
+
+    def take(rows: Any, kind: str, state: str | None) -> None:
+        samples.extend({"kind": kind, "state": state, **r} for r in rows or [])
+
+    if "behaviour" in out:
+        beh = dict(out["behaviour"])
+        take(beh.pop("base_rows", None), "behaviour", "base")
+        for name, rows in (beh.pop("rows", None) or {}).items():
+            take(rows, "behaviour", name)
+        beh.pop("adapted_rows", None)
+        out["behaviour"] = beh
+    if "reliability" in out:
+        rel = dict(out["reliability"])
+        take(rel.pop("paraphrase_rows", None), "paraphrase", "base")
+        out["reliability"] = rel
+    if "leverage" in out:
+        lev = dict(out["leverage"])
+        for kind, rows in (lev.pop("rows", None) or {}).items():
+            take(rows, kind, "base")
+        out["leverage"] = lev
+    counts: dict[str, int] = {}
+    for row in samples:
+        counts[row["kind"]] = counts.get(row["kind"], 0) + 1
+    out["samples"] = {"file": SAMPLES, "counts": counts}
+    return out, samples
+
 
 def _fmt_ci(entry: dict[str, Any], key: str = "shift") -> str:
     return f"{entry[key]:+.4f} [{entry['lo']:+.4f}, {entry['hi']:+.4f}]"
@@ -17,6 +94,31 @@ def _fmt_ci(entry: dict[str, Any], key: str = "shift") -> str:
 
 def _rate(entry: dict[str, Any]) -> str:
     return f"{entry['rate']:.2f} [{entry['lo']:.2f}, {entry['hi']:.2f}] (n={entry['n']})"
+
+
+def _num(x: Any, spec: str = "+.4f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _m(entry: dict[str, Any]) -> str:
+    return f"{entry['m']:+.4f} [{entry['m_lo']:+.4f}, {entry['m_hi']:+.4f}]"
+
+
+def _gap(summary: dict[str, Any]) -> str:
+    g = summary.get("pressure_gap") or {}
+    if "mean" not in g:
+        return "-"
+    return f"{g['mean']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}], p={g['p_perm']:.3g} ({g['n_pairs']} pairs)"
+
+
+def _paraphrase(para: dict[str, Any]) -> str:
+    if "skipped" in para or "r" not in para:
+        return para.get("skipped") or f"only {para.get('n', 0)} matched items"
+    return f"r = {para['r']:.3f} over {para['n']} items, mean |delta m| {para['mean_abs_delta']:.4f}"
+
+
+def _contrast(c: dict[str, Any]) -> str:
+    return f"{c['mean']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}], p={c['p_perm']:.3g}, MDE {c['mde']:.4f}"
 
 
 def plot_distributions(report: dict[str, Any], path: Path) -> None:
@@ -209,14 +311,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                 )
     beh = report.get("behaviour")
     if beh and "adapted" in beh:
-        for key, label in (("high", "unethical rate, high pressure"), ("none", "unethical rate, no pressure")):
+        for key, label in (("high", "m, high pressure"), ("none", "m, no pressure")):
+            c = beh["paired"][key]
+            head.append(
+                f"| {label} (nats/token) | {_m(beh['base'][key])} | {_m(beh['adapted'][key])} | {_contrast(c)} |"
+            )
+        for key, label in (("high", "unethical rate (m > 0), high"), ("none", "unethical rate (m > 0), none")):
             head.append(
                 f"| {label} | {_rate(beh['base'][key])} | {_rate(beh['adapted'][key])} | "
                 f"{beh['adapted'][key]['rate'] - beh['base'][key]['rate']:+.2f} |"
             )
+        gap = beh["paired"].get("pressure_gap_change")
         head.append(
-            f"| pressure gap | {beh['base'].get('pressure_gap', 0):+.2f} | "
-            f"{beh['adapted'].get('pressure_gap', 0):+.2f} | |"
+            f"| pressure gap of m | {_gap(beh['base'])} | {_gap(beh['adapted'])} | {_contrast(gap) if gap else ''} |"
         )
     cap = report.get("capability")
     if cap and "adapted" in cap:
@@ -240,7 +347,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
             lines.append("|---|---|" + "---|" * len(report["targeted"]) + "---|")
             for layer, entry in data["layers"].items():
-                cells = [_fmt_ci(r) for r in entry["targeted"]]
+                # look each cell up by name: entry["targeted"] follows the basis's emotion order, which
+                # need not be report["targeted"]'s (that mismatch once swapped the two columns' labels)
+                by_emotion = {r["emotion"]: r for r in entry["targeted"]}
+                cells = [_fmt_ci(by_emotion[e]) if e in by_emotion else "-" for e in report["targeted"]]
                 drift = entry["drift"].get("mean_abs_shift", 0.0)
                 trained = "yes" if int(layer) in report["trained_layers"] else "no"
                 lines.append(f"| {layer} | {trained} | " + " | ".join(cells) + f" | {drift:.4f} |")
@@ -266,7 +376,27 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [
             "## 3. Unethical behaviour (choice mode)",
             "",
-            f"{beh['n_scenarios']} scenarios.",
+            f"{beh['n_scenarios']} scenarios. Primary endpoint: m = calibrated(unethical) - calibrated(ethical) over "
+            f"the first {beh.get('k') or 'all'} tokens, nats/token (positive = prefers the unethical continuation); "
+            "the rate of m > 0 is secondary.",
+            "",
+            f"- base: m = {_m(beh['base']['all'])}; pressure gap m(high) - m(none) = {_gap(beh['base'])}",
+        ]
+        for name, state in beh.get("states", {}).items():
+            lines.append(f"- {name}: m = {_m(state['all'])}; pressure gap = {_gap(state)}")
+        if beh.get("contrasts"):
+            lines += [
+                "",
+                "| contrast (all scenarios) | mean diff of m [95% CI] | p (sign-flip) | p (Holm) | MDE |",
+                "|---|---|---|---|---|",
+            ]
+            for label, c in beh["contrasts"].items():
+                a = c["all"]
+                lines.append(
+                    f"| {label} | {a['mean']:+.4f} [{a['lo']:+.4f}, {a['hi']:+.4f}] | {a['p_perm']:.3g} | "
+                    f"{beh['holm'][label]:.3g} | {a['mde']:.4f} |"
+                )
+        lines += [
             "",
             "![rates](rates.png)",
             "",
@@ -287,6 +417,58 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"Paired before/after (all scenarios): McNemar b={m['b']}, c={m['c']}, p={m['p_value']:.3f}.",
             ]
         lines.append("")
+    rel = report.get("reliability")
+    if rel:
+        lines += [
+            "## Metric reliability (base model)",
+            "",
+            "| k | token split-half r | Spearman-Brown | halves agree in sign | pressure gap | gap t |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, r in rel["by_k"].items():
+            lines.append(
+                f"| {k} | {r['token_split_half_r']:.3f} | {r['spearman_brown']:.3f} | "
+                f"{r['halves_sign_agreement']:.2f} | {_num(r['gap'])} | {_num(r['gap_t'], '.2f')} |"
+            )
+        nf, para = rel["noise_floor"], rel["paraphrase"]
+        lines += [
+            "",
+            f"Noise floor ({nf['dtypes'][1]} vs {nf['dtypes'][0]}, {nf['n']} scenarios): max |delta m| "
+            f"{nf['max_abs_delta_m']:.4f}, mean {nf['mean_abs_delta_m']:.4f}, {nf['choice_flips']} choices flip.",
+            "",
+            f"Paraphrase: {_paraphrase(para)}",
+            "",
+        ]
+    lev = report.get("leverage")
+    if lev:
+        lines += [
+            "## Causal leverage (base model)",
+            "",
+            f"First-order effect of adding alpha * r_l * v at each layer on the mean m (nats/token per unit alpha), "
+            f"placed among {lev['n_random']} random unit directions (percentile: share of random directions below).",
+            "",
+            "| layer | " + " | ".join(f"{e} leverage (pct, p)" for e in ("desperate", "calm")) + " | null SD |",
+            "|---|---|---|---|",
+        ]
+        for layer, entry in lev["table"].items():
+            cells = []
+            for e in ("desperate", "calm"):
+                r = entry["emotions"].get(e)
+                cells.append(f"{r['leverage']:+.4f} ({r['percentile']:.1f}, {r['p_null']:.3f})" if r else "-")
+            lines.append(f"| {layer} | " + " | ".join(cells) + f" | {entry['null_sd']:.4f} |")
+        chk, pc = lev["steering_check"], lev["positive_control"]
+        eff = pc["effect"]
+        lines += [
+            "",
+            f"First order against real steering at layer {chk['layer']} (alpha {chk['alphas']}, "
+            f"{chk['n_rows']} item rows): r = {_num(chk.get('r_items'), '.3f')}, slope real/predicted "
+            f"{_num(chk.get('slope_real_on_predicted'), '.2f')}, "
+            f"sign agreement {_num(chk.get('sign_agreement'), '.2f')}.",
+            "",
+            f"Positive control (contrastive vector from {pc['n_build']} scenarios, alpha {pc['alpha']} at layer "
+            f"{pc['layer']}, on {pc['n_held_out']} held-out scenarios): {_contrast(eff)}. **{pc['verdict']}**.",
+            "",
+        ]
     st = report.get("steering")
     if st:
         lines += [
@@ -294,14 +476,15 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "![steering](steering.png)",
             "",
-            "| emotion | alpha | unethical rate | high | none | gap |",
-            "|---|---|---|---|---|---|",
+            "| emotion | alpha | m [95% CI] | pressure gap of m | unethical rate (m > 0) | high | none |",
+            "|---|---|---|---|---|---|---|",
         ]
         for emotion, curve in st["curves"].items():
             for p in curve:
                 lines.append(
-                    f"| {emotion} | {p['alpha']:+.2f} | {p['rate_all']:.2f} [{p['lo_all']:.2f}, {p['hi_all']:.2f}] "
-                    f"| {p['rate_high']:.2f} | {p['rate_none']:.2f} | {p['pressure_gap']:+.2f} |"
+                    f"| {emotion} | {p['alpha']:+.2f} | {p['m']:+.4f} [{p['m_lo']:+.4f}, {p['m_hi']:+.4f}] | "
+                    f"{_num(p['pressure_gap'])} | {p['rate_all']:.2f} [{p['lo_all']:.2f}, {p['hi_all']:.2f}] "
+                    f"| {p['rate_high']:.2f} | {p['rate_none']:.2f} |"
                 )
         lines.append("")
     if cap:
@@ -335,8 +518,19 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> Path:
+    from emotune import __version__
+
+    head = {
+        "format": FORMAT,
+        "emotune_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "arguments": report.get("arguments"),
+    }
+    body, samples = split_samples(report)
+    report = {**head, **{k: v for k, v in body.items() if k not in head}}
     with atomic_dir(out, marker="report.json") as tmp:
         write_json_atomic(tmp / "report.json", report)
+        write_text_atomic(tmp / SAMPLES, "".join(json.dumps(r, default=str) + "\n" for r in samples))
         if report.get("activations"):
             plot_distributions(report, tmp / "distributions.png")
             plot_shifts(report, tmp / "shifts.png")

@@ -4,6 +4,13 @@
 model once, keeps its KV cache, and scores every continuation against that cache in one
 batched pass. It equals scoring each ``context + continuation`` from scratch (a test checks
 this) at roughly half the cost for two continuations of a long context.
+
+``continuation_logprobs`` is the differentiable twin (one full forward, autograd kept), used where
+a gradient of the behaviour metric is needed (causal leverage); a test checks the two agree.
+
+``CONTENT_FREE`` is the user turn of the content-free context that calibrates a continuation's
+likelihood (PMI-style, Holtzman et al. 2021): "N/A" carries no situation, so
+log p(y | "N/A") measures how likely the continuation's surface form is on its own.
 """
 
 from __future__ import annotations
@@ -15,11 +22,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+# The content of the single user turn of the content-free context (see the module docstring): short,
+# neutral, and the conventional choice of the calibration literature.
+CONTENT_FREE = "N/A"
+
 
 @dataclass(frozen=True)
 class ContinuationScore:
     sum_logprob: float
     n_tokens: int
+    # log p(y_t | context, y_<t) for each token, so a caller can take any prefix's mean
+    token_logprobs: tuple[float, ...] = ()
 
     @property
     def mean_logprob(self) -> float:
@@ -73,12 +86,38 @@ def score_continuations(
     logprobs = F.log_softmax(logits, dim=-1)  # position j predicts token j + 1
     scores = []
     for row, cont in enumerate(continuations):
-        total = float(first[cont[0]])
+        tokens = [float(first[cont[0]])]
         if len(cont) > 1:
             nxt = torch.tensor(list(cont[1:]), device=device)
-            total += float(logprobs[row, torch.arange(len(cont) - 1, device=device), nxt].sum())
-        scores.append(ContinuationScore(total, len(cont)))
+            tokens += logprobs[row, torch.arange(len(cont) - 1, device=device), nxt].tolist()
+        scores.append(ContinuationScore(float(sum(tokens)), len(cont), tuple(tokens)))
     return scores
+
+
+def continuation_logprobs(
+    model: Any, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """Token log-probabilities of each continuation given ``context_ids``, keeping the autograd graph.
+
+    One right-padded batch of ``context + continuation`` rows (no cache), so that gradients reach every
+    position, context included: steering adds its vector at all positions, so the leverage gradient
+    must see all of them.
+    """
+    device = _device(model)
+    rows = [list(context_ids) + list(c) for c in continuations]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, device=device)
+        mask[i, : len(r)] = 1
+    logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    start = len(context_ids)
+    out = []
+    for i, c in enumerate(continuations):
+        at = torch.arange(start - 1, start - 1 + len(c), device=device)
+        out.append(logprobs[i, at, torch.tensor(list(c), device=device)])
+    return out
 
 
 @torch.no_grad()
@@ -103,3 +142,8 @@ def encode_context(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[i
 
 def encode_continuation(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def content_free_context(tokenizer: Any) -> list[int]:
+    """The calibration context: the same chat template with one user turn saying ``CONTENT_FREE``."""
+    return encode_context(tokenizer, [{"role": "user", "content": CONTENT_FREE}])

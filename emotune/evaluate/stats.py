@@ -9,6 +9,11 @@ Everything here returns plain Python floats/ints/dicts so results can go straigh
   clusters (e.g. K samples of one scenario) instead of items, with a bootstrap two-sided p-value.
 * ``mcnemar``: paired binary outcomes (exact binomial for few discordant pairs, else chi-square).
 * ``cohens_d`` / ``paired_cohens_d``: standardized effect sizes.
+* ``paired_contrast``: a paired before/after (or adapter-vs-control) contrast clustered by pair: cluster
+  bootstrap CI, sign-flip permutation p over clusters, paired d and the minimum detectable effect.
+* ``holm``: Holm's step-down adjustment across a family of headline p-values.
+* ``minimum_detectable_effect``: the smallest mean paired difference a two-sided test at ``alpha`` finds
+  with the given power at n clusters, from the observed SD of the per-cluster differences.
 """
 
 from __future__ import annotations
@@ -202,7 +207,8 @@ def mcnemar(before: Sequence[bool], after: Sequence[bool]) -> dict[str, Any]:
 def cohens_d(a: ArrayLike, b: ArrayLike) -> float:
     """``(mean(a) - mean(b)) / pooled SD``, the pooled SD using n - 1 denominators.
 
-    Returns 0.0 when both samples have zero spread (the ratio is undefined there).
+    When both samples have zero spread the ratio has a zero denominator: it is ``+inf`` / ``-inf`` when
+    the means differ (an infinitely separated effect, not "no effect") and ``nan`` when they are equal.
     """
     x = _as_1d(a, "a")
     y = _as_1d(b, "b")
@@ -213,7 +219,7 @@ def cohens_d(a: ArrayLike, b: ArrayLike) -> float:
     # Test constancy exactly (range 0) rather than SD == 0: the SD of a constant like [0.1, 0.1, 0.1]
     # can come out as ~1e-17 from rounding in the mean, which would make d explode.
     if np.ptp(x) == 0 and np.ptp(y) == 0:
-        return 0.0
+        return _degenerate_d(float(x.mean() - y.mean()))
     ss = float(((x - x.mean()) ** 2).sum() + ((y - y.mean()) ** 2).sum())
     pooled = math.sqrt(ss / dof)
     return float((x.mean() - y.mean()) / pooled)
@@ -222,7 +228,8 @@ def cohens_d(a: ArrayLike, b: ArrayLike) -> float:
 def paired_cohens_d(before: ArrayLike, after: ArrayLike) -> float:
     """``mean(after - before) / SD(after - before)`` (n - 1 denominator), a.k.a. d_z.
 
-    Returns 0.0 when the differences have zero spread, the same convention as ``cohens_d``.
+    When the differences have zero spread: ``+inf`` / ``-inf`` for a constant non-zero difference, ``nan``
+    when every difference is 0, the same convention as ``cohens_d``.
     """
     b = _as_1d(before, "before")
     a = _as_1d(after, "after")
@@ -232,5 +239,112 @@ def paired_cohens_d(before: ArrayLike, after: ArrayLike) -> float:
         raise ValueError("paired_cohens_d needs at least 2 pairs")
     diffs = a - b
     if np.ptp(diffs) == 0:  # exact constancy, see cohens_d
-        return 0.0
+        return _degenerate_d(float(diffs.mean()))
     return float(diffs.mean() / diffs.std(ddof=1))
+
+
+def _degenerate_d(mean_diff: float) -> float:
+    """d with a zero SD: the sign of the difference times infinity, or nan for 0 / 0."""
+    if mean_diff == 0:
+        return math.nan
+    return math.copysign(math.inf, mean_diff)
+
+
+def minimum_detectable_effect(sd: float, n: int, *, power: float = 0.8, alpha: float = 0.05) -> float:
+    """``(z_{1-alpha/2} + z_{power}) * sd / sqrt(n)``: the normal-approximation MDE of a paired mean.
+
+    ``sd`` is the SD of the per-cluster differences and ``n`` the number of clusters; at 80% power and
+    alpha = 0.05 the factor is 2.80.
+    """
+    from scipy.stats import norm
+
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * sd / math.sqrt(n))
+
+
+def _cluster_codes(clusters: Sequence[Hashable] | None, n: int) -> np.ndarray:
+    if clusters is None:
+        return np.arange(n)
+    if len(clusters) != n:
+        raise ValueError(f"clusters has {len(clusters)} ids for {n} items")
+    index: dict[Hashable, int] = {}
+    return np.fromiter((index.setdefault(c, len(index)) for c in clusters), dtype=np.int64, count=n)
+
+
+def sign_flip_p(
+    diffs: ArrayLike, *, clusters: Sequence[Hashable] | None = None, n_perm: int = 9999, seed: int = 0
+) -> float:
+    """Two-sided sign-flip permutation p of ``mean(diffs) == 0``, flipping whole clusters.
+
+    Under the null that before and after are exchangeable within a cluster, each cluster's summed
+    difference is as likely negated; ``scipy.stats.permutation_test`` with ``permutation_type='samples'``
+    swaps each (after, before) pair, i.e. flips its sign. With at most 2^k <= n_perm clusters it is exact.
+    """
+    from scipy.stats import permutation_test
+
+    d = _as_1d(diffs, "diffs")
+    sums = np.bincount(_cluster_codes(clusters, d.size), weights=d)
+    if not np.any(sums):
+        return 1.0
+    result = permutation_test(
+        (sums, np.zeros_like(sums)),
+        lambda x, y, axis: np.sum(x - y, axis=axis),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=n_perm,
+        alternative="two-sided",
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.pvalue)
+
+
+def paired_contrast(
+    before: ArrayLike,
+    after: ArrayLike,
+    *,
+    clusters: Sequence[Hashable] | None = None,
+    n_boot: int = 2000,
+    n_perm: int = 9999,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``mean(after - before)`` over paired items, clustered by ``clusters`` (e.g. the scenario pair).
+
+    Returns ``{"mean", "lo", "hi", "p_boot", "p_perm", "n", "n_clusters", "d", "sd_cluster", "mde"}``:
+    the cluster-bootstrap percentile CI, the bootstrap p of ``paired_bootstrap_diff``, the sign-flip
+    permutation p over clusters (the one to report), the paired d of the items, the SD of the per-cluster
+    mean differences and the minimum detectable effect at 80% power for this many clusters.
+    """
+    boot = paired_bootstrap_diff(before, after, clusters=clusters, n_boot=n_boot, alpha=alpha, seed=seed)
+    diffs = _as_1d(after, "after") - _as_1d(before, "before")
+    codes = _cluster_codes(clusters, diffs.size)
+    cluster_means = np.bincount(codes, weights=diffs) / np.bincount(codes)
+    sd = float(cluster_means.std(ddof=1)) if cluster_means.size > 1 else 0.0
+    return {
+        "mean": boot["mean"],
+        "lo": boot["lo"],
+        "hi": boot["hi"],
+        "p_boot": boot["p_value"],
+        "p_perm": sign_flip_p(diffs, clusters=clusters, n_perm=n_perm, seed=seed),
+        "n": boot["n"],
+        "n_clusters": boot["n_clusters"],
+        "d": paired_cohens_d(_as_1d(before, "before"), _as_1d(after, "after")) if diffs.size > 1 else math.nan,
+        "sd_cluster": sd,
+        "mde": minimum_detectable_effect(sd, cluster_means.size, alpha=alpha),
+    }
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm step-down adjusted p-values (family-wise error control), keyed like the input.
+
+    Sorted ascending, the i-th smallest of m is multiplied by (m - i), made monotone, capped at 1.
+    """
+    order = sorted(pvalues, key=lambda k: pvalues[k])
+    m = len(order)
+    adjusted: dict[str, float] = {}
+    running = 0.0
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (m - i) * pvalues[key]))
+        adjusted[key] = running
+    return {k: adjusted[k] for k in pvalues}

@@ -216,13 +216,13 @@ def test_with_every_weight_zero_the_run_equals_plain_sft_step_by_step(setup, tmp
 
 def test_drift_term_keeps_the_other_emotions_and_skips_the_base_pass_when_off(setup, tmp_path, monkeypatch):
     calls = []
-    original = EmotuneTrainer._base_projections
+    original = EmotuneTrainer._base_pass
 
     def spy(self, model, inputs):
         calls.append(1)
         return original(self, model, inputs)
 
-    monkeypatch.setattr(EmotuneTrainer, "_base_projections", spy)
+    monkeypatch.setattr(EmotuneTrainer, "_base_pass", spy)
     build(setup, tmp_path / "off", drift_weight=0.0).train()
     assert calls == []
     trainer = build(setup, tmp_path / "on", drift_weight=1.0)

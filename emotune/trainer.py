@@ -34,7 +34,6 @@ from emotune.losses import (
     drift_loss,
     hold_loss,
     kl_loss,
-    masked_mean,
     project,
     push_loss,
     retain_loss,
@@ -42,7 +41,6 @@ from emotune.losses import (
     term_loss,
     warmup_factor,
 )
-
 
 ROLES = ("assistant", "user", "system", "tool")
 CONTROLS = ("none", "random", "sft")
@@ -143,19 +141,23 @@ def parse_terms(raw: Any, where: str = "emotion_terms") -> list[EmotionTerm]:
         if item["form"] not in FORMS:
             raise ConfigError(f"{here}.form: {item['form']!r} is not one of {', '.join(FORMS)}. Use one of those.")
         form = item["form"]
-        if form in STATE_FORMS and item.get("emotion") is not None:
+        if form in STATE_FORMS and item.get("emotion"):
             raise ConfigError(
                 f"{here}.emotion: the form {form!r} acts on whole hidden states, not on one emotion. Remove 'emotion'."
             )
         if form not in STATE_FORMS and "emotion" not in item:
             raise ConfigError(f"{here}: missing 'emotion'. Add it; a term needs emotion, form and weight.")
-        for key, forms in (("direction", ("push",)), ("delta", ("push",)), ("margin", ("penalize",))):
-            if key in item and form not in forms:
+        # a key that another form reads would be silently ignored here (a saved recipe repeats the defaults)
+        for key, default, forms in (
+            ("direction", "down", ("push",)),
+            ("delta", 0.0, ("push",)),
+            ("margin", 0.0, ("penalize",)),
+            ("target", 0.0, ("reward", "match")),
+        ):
+            if item.get(key, default) != default and form not in forms:
                 raise ConfigError(
                     f"{here}.{key}: applies only to the form(s) {', '.join(forms)}, not {form!r}. Remove it."
                 )
-        if "target" in item and form not in ("reward", "match"):
-            raise ConfigError(f"{here}.target: applies only to the forms reward and match, not {form!r}. Remove it.")
         weight = _number(item["weight"], f"{here}.weight")
         if weight < 0:
             raise ConfigError(

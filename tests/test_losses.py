@@ -130,7 +130,9 @@ def test_kl_is_zero_for_equal_logits_and_matches_torch_on_masked_tokens():
     mask = torch.tensor([[1, 0, 1]])
     logits, base = torch.randn(2, 7), torch.randn(2, 7)
     assert kl_loss(base, base, mask).item() == pytest.approx(0.0, abs=1e-7)
-    expected = torch.nn.functional.kl_div(logits.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="none")
+    expected = torch.nn.functional.kl_div(
+        logits.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="none"
+    )
     assert kl_loss(logits, base, mask).item() == pytest.approx(expected.sum(-1).mean().item(), rel=1e-5)
 
 

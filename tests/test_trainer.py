@@ -105,7 +105,11 @@ def build(setup, tmp_path, *, terms=TERMS, n=8, model_state=None, lora_init=True
     args.update(overrides)
     config = EmotuneConfig(**args)
     peft = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=lora_init
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=lora_init,
     )
     torch.manual_seed(0)  # the adapter's initialisation (random B too, with lora_init=False)
     return EmotuneTrainer(
@@ -337,7 +341,9 @@ class _GradProbe:
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if not self.grads:
-            self.grads = {k: p.grad.clone() for k, p in model.named_parameters() if "lora_" in k and p.grad is not None}
+            self.grads = {
+                k: p.grad.clone() for k, p in model.named_parameters() if "lora_" in k and p.grad is not None
+            }
 
 
 def _first_step_grads(setup, tmp_path, terms, **overrides):
@@ -401,7 +407,9 @@ def _projection_shift(trainer, emotion: str, tag: str) -> float:
     model = trainer.model.eval()
     layer = 2
     vector = trainer.basis.vectors(layer)[trainer.basis.index(emotion)]
-    mask = tag_mask(batch["tag_bits"], [tag], trainer.tag_bits) & tag_mask(batch["tag_bits"], ["assistant"], trainer.tag_bits)
+    mask = tag_mask(batch["tag_bits"], [tag], trainer.tag_bits) & tag_mask(
+        batch["tag_bits"], ["assistant"], trainer.tag_bits
+    )
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     from emotune.hooks import capture
 
@@ -498,7 +506,10 @@ def test_schedule_factors_are_logged_by_training_progress(setup, tmp_path):
     [
         ({"emotion": "calm", "form": "push", "weight": 1}, r"\[0\]\.delta: 0\.0 must be > 0 for push"),
         ({"emotion": "calm", "form": "push", "weight": 1, "delta": 0.1, "direction": "left"}, r"direction: 'left'"),
-        ({"emotion": "calm", "form": "hold", "weight": 1, "delta": 0.1}, r"\.delta: applies only to .*push"),
+        (
+            {"emotion": "calm", "form": "hold", "weight": 1, "delta": 0.1},
+            r"\.delta: applies only to the form\(s\) push",
+        ),
         ({"emotion": "calm", "form": "retain", "weight": 1}, r"\.emotion: the form 'retain' acts on whole"),
         ({"form": "hold", "weight": 1}, r"missing 'emotion'"),
         ({"emotion": "calm", "form": "hold", "weight": 1, "roles": ["robot"]}, r"\.roles: \['robot'\] is not"),
@@ -515,3 +526,9 @@ def test_bad_new_term_keys_fail_with_one_line_errors(term, message):
 def test_bad_control_or_schedule_is_refused(tmp_path, key, value):
     with pytest.raises(ConfigError, match=rf"^{key}: '{value}' is not one of"):
         EmotuneConfig(**COMMON, output_dir=str(tmp_path), **{key: value})
+
+
+def test_the_saved_terms_parse_again_to_the_same_terms(tmp_path):
+    terms = [*TERMS, *PUSH, *HOLD, EVERY_FORM["retain"], EVERY_FORM["kl"]]
+    config = EmotuneConfig(**COMMON, output_dir=str(tmp_path), emotion_terms=terms)
+    assert parse_terms(config.emotion_terms) == config.terms

@@ -10,7 +10,9 @@ Schema (JSONL, one conversation a line; also the schema for a user's own dataset
   terms select tokens by tag, e.g. ``failure``: the tool output or user turn that reports a
   failure and the assistant reply after it. Tags are free strings; the shipped data uses
   ``failure``, ``pressure``, ``neutral`` and ``success``.
-- Two tags exist implicitly: ``assistant`` (every assistant message) and ``all`` (every token).
+- Tags exist implicitly for each role (``assistant``, ``user``, ``system``, ``tool``: every message of
+  that role) and ``all`` (every token). A loss term intersects its tags with the roles it covers
+  (default: assistant), so ``tags: [failure]`` means the assistant's tokens in failure contexts.
 - The LM loss is on assistant messages only.
 
 Tokenisation renders the chat template once per prefix of the conversation, so each message
@@ -31,7 +33,7 @@ from emotune.corpus import read_jsonl, shipped_path
 from emotune.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-IMPLICIT_TAGS = ("assistant", "all")
+IMPLICIT_TAGS = ("assistant", "all", "system", "user", "tool")
 
 
 @dataclass(frozen=True)
@@ -148,8 +150,8 @@ def tokenize_conversation(
         for tag in message.get("tags", ()):
             if tag in bits:
                 value |= 1 << bits[tag]
-        if message["role"] == "assistant":
-            value |= 1 << bits["assistant"]
+        if message["role"] in bits:
+            value |= 1 << bits[message["role"]]
         for k, (a, b) in enumerate(offsets):
             if a < hi and b > lo and b > a:  # the token overlaps this message's characters
                 tag_bits[k] |= value

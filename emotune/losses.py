@@ -11,6 +11,16 @@ tokens and then over the sequences of the batch (see ``masked_mean``).
 | reward    | w * mean_m ReLU(target - p_e)  (a hinge)  |
 | match     | w * mean_m (p_e - target)^2               |
 | drift     | w * mean_m mean_e' (p_e' - p_base_e')^2   |
+
+Base-relative forms (p_base from the same batch with the adapter disabled, no grad):
+
+| form      | term                                                                     |
+|-----------|--------------------------------------------------------------------------|
+| push down | w * mean_m ReLU(p_e - (p_base_e - delta))^2                              |
+| push up   | w * mean_m ReLU((p_base_e + delta) - p_e)^2                              |
+| hold      | w * mean_m (p_e - p_base_e)^2                                            |
+| retain    | w * mean_m ||h_l - h_base_l||^2 / r_l^2                                  |
+| kl        | w * mean_m KL(base || adapted) of the next-token distributions           |
 """
 
 from __future__ import annotations
@@ -20,8 +30,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Form = Literal["penalize", "reward", "match"]
-FORMS: tuple[str, ...] = ("penalize", "reward", "match")
+Form = Literal["penalize", "reward", "match", "push", "hold", "retain", "kl"]
+FORMS: tuple[str, ...] = ("penalize", "reward", "match", "push", "hold", "retain", "kl")
+# forms whose target is the base model's own value: they need the adapter-disabled pass
+BASE_FORMS: tuple[str, ...] = ("push", "hold", "retain", "kl")
+# forms without an emotion: they compare whole hidden states or next-token distributions
+STATE_FORMS: tuple[str, ...] = ("retain", "kl")
+Schedule = Literal["constant", "push_to_retain"]
+SCHEDULES: tuple[str, ...] = ("constant", "push_to_retain")
 
 
 def project(hidden: torch.Tensor, vectors: torch.Tensor, scale: float) -> torch.Tensor:
@@ -77,6 +93,81 @@ def drift_loss(
 ) -> torch.Tensor:
     """Mean squared move of projections (``[B, T, E]``) away from the base model's, over masked tokens."""
     return masked_mean((proj - base_proj.detach()) ** 2, mask, segments)
+
+
+def push_loss(
+    proj: torch.Tensor,
+    base_proj: torch.Tensor,
+    mask: torch.Tensor,
+    delta: float,
+    direction: str,
+    segments: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Squared hinge towards ``p_base - delta`` (direction ``down``) or ``p_base + delta`` (``up``).
+
+    Squared rather than linear so that the force fades as the target is reached: a linear hinge
+    keeps pushing at full strength up to the boundary and overshoots in steps of the learning rate.
+    """
+    base = base_proj.detach()
+    if direction == "down":
+        per_token = F.relu(proj - (base - delta)) ** 2
+    elif direction == "up":
+        per_token = F.relu((base + delta) - proj) ** 2
+    else:
+        raise ValueError(f"unknown direction {direction!r}; expected 'down' or 'up'")
+    return masked_mean(per_token, mask, segments)
+
+
+def hold_loss(
+    proj: torch.Tensor, base_proj: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Squared distance of the projection from the base model's own, token by token."""
+    return masked_mean((proj - base_proj.detach()) ** 2, mask, segments)
+
+
+def retain_loss(
+    hidden: torch.Tensor,
+    base_hidden: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    segments: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``||h - h_base||^2 / r^2`` per token (``[B, T, d]``): the whole residual stream, not only the basis's
+    directions, so that it also holds what the emotion vectors do not see."""
+    per_token = ((hidden.float() - base_hidden.detach().float()) ** 2).sum(-1) / scale**2
+    return masked_mean(per_token, mask, segments)
+
+
+def kl_loss(
+    logits: torch.Tensor, base_logits: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(base || adapted) of the next-token distributions, per token.
+
+    ``logits``/``base_logits`` are ``[N, V]`` for the N masked tokens of ``mask`` (in ``mask``'s row-major
+    order): only the masked tokens' logits are ever built, as the vocabulary makes the full tensor large.
+    """
+    base_logp = F.log_softmax(base_logits.detach().float(), -1)
+    per_masked = (base_logp.exp() * (base_logp - F.log_softmax(logits.float(), -1))).sum(-1)
+    per_token = per_masked.new_zeros(mask.shape)
+    per_token[mask.bool()] = per_masked
+    return masked_mean(per_token, mask, segments)
+
+
+def schedule_factors(schedule: str, step: int, total_steps: int) -> tuple[float, float]:
+    """``(push-side factor, retain-side factor)`` at training progress ``s = step / total_steps``.
+
+    ``push_to_retain`` follows the circuit-breaker schedule (Zou et al. 2024, also used by RepBend):
+    the push-side weights fall linearly from 1 to 1/2 (``1 - s/2``) and the retain-side weights rise
+    from 0 to 1/2 (``s/2``); the two cross at the end of training. Early on, while the adapter is
+    near the base model, retain has little to hold; late, it anchors what the push has not yet
+    needed to move. ``constant`` leaves every weight alone.
+    """
+    if schedule == "constant" or total_steps <= 0:
+        return 1.0, 1.0
+    if schedule != "push_to_retain":
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    s = min(1.0, max(0.0, step / total_steps))
+    return 1.0 - s / 2, s / 2
 
 
 def warmup_factor(step: int, total_steps: int, warmup_ratio: float) -> float:

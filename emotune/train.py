@@ -387,7 +387,7 @@ def check_basis_fit(config: Any, model: Any, basis: Any) -> None:
                 "or choose layers it has."
             )
     for i, term in enumerate(config.terms):
-        if term.emotion not in basis.emotions:
+        if term.emotion and term.emotion not in basis.emotions:  # retain and kl name no emotion
             shown = ", ".join(basis.emotions[:12]) + (", ..." if len(basis.emotions) > 12 else "")
             raise ConfigError(
                 f"emotion_terms[{i}].emotion: {term.emotion!r} is not in {where} ({len(basis.emotions)} emotions: "
@@ -443,8 +443,64 @@ def build_dataset(script: ScriptArguments, config: Any, tokenizer: Any) -> tuple
     if config.drift_weight > 0:
         wanted |= set(config.drift_tags)
     bits = tag_index(wanted | {t for c in [*conversations, *held_out] for t in c.tags})
-    tokenize = lambda cs: Dataset.from_list([tokenize_conversation(c, tokenizer, bits, config.max_length) for c in cs])
-    return tokenize(conversations), tokenize(held_out) if held_out else None, bits
+    rows = [tokenize_conversation(c, tokenizer, bits) for c in conversations]
+    cut = truncation_loss(rows, bits, config.terms, config.max_length)
+    if cut["dropped_tokens"]:
+        logger.warning(
+            "max_length %d: truncates %d of %d conversations and drops %d of the %d tokens the emotion terms "
+            "target (%.1f%%). max_length %d keeps them all.",
+            config.max_length,
+            cut["truncated_conversations"],
+            len(rows),
+            cut["dropped_tokens"],
+            cut["targeted_tokens"],
+            100 * cut["dropped_tokens"] / cut["targeted_tokens"],
+            cut["needed_max_length"],
+        )
+    if config.max_length:
+        rows = [{key: values[: config.max_length] for key, values in row.items()} for row in rows]
+    held = [tokenize_conversation(c, tokenizer, bits, config.max_length) for c in held_out]
+    return Dataset.from_list(rows), Dataset.from_list(held) if held else None, bits
+
+
+def truncation_loss(
+    rows: Sequence[dict[str, list[int]]], bits: dict[str, int], terms: Sequence[Any], max_length: int | None
+) -> dict[str, int]:
+    """What a length cut removes from the emotion terms' masks (DESIGN.md trap 13), on untruncated ``rows``:
+    ``targeted_tokens`` (in any term's mask), ``dropped_tokens`` (of those, past ``max_length``),
+    ``truncated_conversations``, and ``needed_max_length`` (the shortest cut that drops none)."""
+    wanted = []
+    for term in terms:
+        tags = sum(1 << bits[t] for t in term.tags if t in bits)
+        roles = sum(1 << bits[t] for t in term.mask_tags if t in bits)
+        wanted.append((tags, roles))
+    targeted = dropped = truncated = needed = 0
+    for row in rows:
+        hits = [k for k, b in enumerate(row["tag_bits"]) if any(b & tags and b & roles for tags, roles in wanted)]
+        targeted += len(hits)
+        needed = max(needed, hits[-1] + 1 if hits else 0)
+        if max_length and len(row["input_ids"]) > max_length:
+            truncated += 1
+            dropped += sum(k >= max_length for k in hits)
+    return {
+        "targeted_tokens": targeted,
+        "dropped_tokens": dropped,
+        "truncated_conversations": truncated,
+        "needed_max_length": needed,
+    }
+
+
+def lora_layers(config: Any, model: Any, default_layer: int) -> list[int]:
+    """``lora_layers_up_to_target``: decoder layers 0..L, L the highest layer an emotion term reads. LoRA above
+    L cannot change what the terms see, only the LM loss, so leaving those layers frozen keeps the adapter's
+    change where the terms act."""
+    from emotune.models import num_layers, resolve_layers
+
+    layers = {i for _, ls in _layer_keys(config) if ls for i in resolve_layers(model, ls)}
+    top = max(layers) if layers else resolve_layers(model, default_layer)[0]  # the basis's layer, as the terms use
+    return list(range(min(top, num_layers(model) - 1) + 1))
+
+
 
 
 def redacted_recipe(script: ScriptArguments, config: Any, model_args: Any) -> str:
@@ -471,6 +527,9 @@ def run_info(config: Any, model_args: Any, model: Any) -> dict[str, Any]:
         "source": model_source(model),
         "terms": config.emotion_terms,
         "seed": config.seed,
+        # which arm of an experiment this adapter is: none (the terms), random (random directions) or sft
+        "control": config.control,
+        "control_seed": config.control_seed if config.control_seed is not None else config.seed,
     }
 
 
@@ -686,13 +745,16 @@ def run(script: ScriptArguments, config: Any, model_args: Any) -> Path:
     # Seed again right before the adapter is created: loading and data preparation may draw from the RNG
     # differently in one process and in several, and LoRA's initialisation must not depend on that.
     set_seed(config.seed)
+    peft_config = get_peft_config(model_args)
+    if config.lora_layers_up_to_target and peft_config is not None:
+        peft_config.layers_to_transform = lora_layers(config, model, basis.default_layer)  # type: ignore[attr-defined]
     trainer = EmotuneTrainer(
         model=model,
         args=config,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config,
         basis=basis,
         tag_bits=bits,
     )

@@ -26,12 +26,32 @@ from emotune.basis import pad_batch, pad_rows
 from emotune.catalog import check_emotions
 from emotune.errors import ConfigError
 from emotune.hooks import StopForward, capture
-from emotune.losses import FORMS, drift_loss, project, term_loss, warmup_factor
+from emotune.losses import (
+    BASE_FORMS,
+    FORMS,
+    SCHEDULES,
+    STATE_FORMS,
+    drift_loss,
+    hold_loss,
+    kl_loss,
+    project,
+    push_loss,
+    retain_loss,
+    schedule_factors,
+    term_loss,
+    warmup_factor,
+)
+
+ROLES = ("assistant", "user", "system", "tool")
+CONTROLS = ("none", "random", "sft")
 
 
 @dataclass
 class EmotionTerm:
-    """One auxiliary term: ``weight * form(p_emotion)`` averaged over tokens carrying ``tags``."""
+    """One auxiliary term: ``weight * form(p_emotion)`` averaged over tokens carrying ``tags``.
+
+    ``roles`` intersects the tag mask with the tokens of those roles' messages (default: the
+    assistant's own tokens only); ``roles: [all]`` keeps every role's tagged tokens."""
 
     emotion: str
     form: str
@@ -40,14 +60,25 @@ class EmotionTerm:
     layers: list[int] | None = None  # default: the config's emotion_layers
     margin: float = 0.0  # penalize: allowed level before the penalty starts
     target: float = 0.0  # reward: hinge target; match: the value to match
+    direction: str = "down"  # push: down (a penalised emotion) or up (a rewarded one)
+    delta: float = 0.0  # push: how far from the base model's projection to move
+    roles: list[str] = field(default_factory=lambda: ["assistant"])
 
     @property
     def name(self) -> str:
-        return f"{self.form}_{self.emotion.replace(' ', '_')}"
+        if self.form in STATE_FORMS:
+            return f"{self.form}@{'+'.join(self.tags)}"
+        form = f"push_{self.direction}" if self.form == "push" else self.form
+        return f"{form}_{self.emotion.replace(' ', '_')}"
 
     @property
     def value(self) -> float:
         return self.margin if self.form == "penalize" else self.target
+
+    @property
+    def mask_tags(self) -> list[str]:
+        """The implicit role tags the term's tag mask is intersected with."""
+        return ["all"] if "all" in self.roles else list(self.roles)
 
 
 def _number(value: Any, where: str) -> float:
@@ -104,16 +135,34 @@ def parse_terms(raw: Any, where: str = "emotion_terms") -> list[EmotionTerm]:
         unknown = sorted(set(item) - known)
         if unknown:
             raise ConfigError(f"{here}: unknown key(s) {', '.join(unknown)}. Use only {', '.join(sorted(known))}.")
-        for key in ("emotion", "form", "weight"):
+        for key in ("form", "weight"):
             if key not in item:
                 raise ConfigError(f"{here}: missing '{key}'. Add it; a term needs emotion, form and weight.")
         if item["form"] not in FORMS:
             raise ConfigError(f"{here}.form: {item['form']!r} is not one of {', '.join(FORMS)}. Use one of those.")
+        form = item["form"]
+        if form in STATE_FORMS and item.get("emotion"):
+            raise ConfigError(
+                f"{here}.emotion: the form {form!r} acts on whole hidden states, not on one emotion. Remove 'emotion'."
+            )
+        if form not in STATE_FORMS and "emotion" not in item:
+            raise ConfigError(f"{here}: missing 'emotion'. Add it; a term needs emotion, form and weight.")
+        # a key that another form reads would be silently ignored here (a saved recipe repeats the defaults)
+        for key, default, forms in (
+            ("direction", "down", ("push",)),
+            ("delta", 0.0, ("push",)),
+            ("margin", 0.0, ("penalize",)),
+            ("target", 0.0, ("reward", "match")),
+        ):
+            if item.get(key, default) != default and form not in forms:
+                raise ConfigError(
+                    f"{here}.{key}: applies only to the form(s) {', '.join(forms)}, not {form!r}. Remove it."
+                )
         weight = _number(item["weight"], f"{here}.weight")
         if weight < 0:
             raise ConfigError(
                 f"{here}.weight: {weight} is negative; weights must be >= 0 (choose the form "
-                "'penalize' or 'reward' for the direction)."
+                "'penalize' or 'reward', or push's direction, for the direction)."
             )
         tags = item.get("tags", ["assistant"])
         if isinstance(tags, str):
@@ -122,16 +171,39 @@ def parse_terms(raw: Any, where: str = "emotion_terms") -> list[EmotionTerm]:
             raise ConfigError(f"{here}.tags: empty; name the context tags the term applies to, e.g. [failure].")
         if not isinstance(tags, list) or not all(isinstance(t, str) and t.strip() for t in tags):
             raise ConfigError(f"{here}.tags: {tags!r:.60} is not a list of tag names. Use e.g. [failure].")
-        emotion = check_emotions([item["emotion"]], where=f"{here}.emotion")[0]
+        roles = item.get("roles", ["assistant"])
+        if isinstance(roles, str):
+            roles = [roles]
+        if not isinstance(roles, list) or not roles or not all(r in (*ROLES, "all") for r in roles):
+            raise ConfigError(
+                f"{here}.roles: {roles!r:.60} is not a list of roles. Use some of {', '.join(ROLES)}, or [all] "
+                "for every role's tokens."
+            )
+        direction = item.get("direction", "down")
+        if direction not in ("down", "up"):
+            raise ConfigError(
+                f"{here}.direction: {direction!r} is not 'down' or 'up'. Use down to lower the emotion below the "
+                "base model's level, up to raise it."
+            )
+        delta = _number(item.get("delta", 0.0), f"{here}.delta")
+        if form == "push" and delta <= 0:
+            raise ConfigError(
+                f"{here}.delta: {delta} must be > 0 for push (the distance from the base model's projection, in "
+                "units of r_l). Set it, e.g. delta: 0.05."
+            )
+        emotion = "" if form in STATE_FORMS else check_emotions([item["emotion"]], where=f"{here}.emotion")[0]
         terms.append(
             EmotionTerm(
                 emotion,
-                item["form"],
+                form,
                 weight,
                 list(tags),
                 parse_layers(item.get("layers"), f"{here}.layers"),
                 _number(item.get("margin", 0.0), f"{here}.margin"),
                 _number(item.get("target", 0.0), f"{here}.target"),
+                direction,
+                delta,
+                list(roles),
             )
         )
     return terms
@@ -154,11 +226,13 @@ class EmotuneConfig(SFTConfig):
             "help": "Layers the terms apply to (negative counts from the end). Default: the basis's default layer."
         },
     )
-    emotion_terms: list[dict] | None = field(  # type: ignore[type-arg]
+    # ``str`` in the union makes the command-line flag take one JSON string (a list or one mapping);
+    # a recipe's YAML list passes through unchanged
+    emotion_terms: list[dict] | str | None = field(  # type: ignore[type-arg]
         default=None,
         metadata={
-            "help": "List of terms {emotion, form: penalize|reward|match, weight, tags, layers?, margin?, "
-            "target?}. On the command line, a JSON string."
+            "help": "List of terms {emotion, form: penalize|reward|match|push|hold|retain|kl, weight, tags, roles?, "
+            "layers?, margin?, target?, direction?, delta?}. On the command line, a JSON list or mapping."
         },
     )
     drift_weight: float = field(
@@ -180,6 +254,27 @@ class EmotuneConfig(SFTConfig):
     )
     emotion_warmup_ratio: float = field(
         default=0.0, metadata={"help": "Ramp the emotion weights from 0 over this fraction of the training steps."}
+    )
+    emotion_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "constant, or push_to_retain: the push-side weights (penalize, reward, match, push) fall "
+            "from 1x to 0.5x and the retain-side ones (retain, kl) rise from 0 to 0.5x over training."
+        },
+    )
+    control: str = field(
+        default="none",
+        metadata={
+            "help": "none: the recipe's emotion terms. random: the same terms along seeded random unit "
+            "directions (one per targeted emotion and layer). sft: every emotion weight 0 (plain SFT)."
+        },
+    )
+    control_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the random directions of control: random (default: seed)."}
+    )
+    lora_layers_up_to_target: bool = field(
+        default=False,
+        metadata={"help": "Put LoRA only on the decoder layers up to the highest layer an emotion term uses."},
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace an earlier emotune run in output_dir (its checkpoints and adapter)."}
@@ -203,6 +298,26 @@ class EmotuneConfig(SFTConfig):
                 f"emotion_warmup_ratio: {self.emotion_warmup_ratio} must be in [0, 1]. Use a fraction such as 0.1, "
                 "or 0 for no warmup."
             )
+        if self.emotion_schedule not in SCHEDULES:
+            raise ConfigError(
+                f"emotion_schedule: {self.emotion_schedule!r} is not one of {', '.join(SCHEDULES)}. Use one of those."
+            )
+        if self.control not in CONTROLS:
+            raise ConfigError(f"control: {self.control!r} is not one of {', '.join(CONTROLS)}. Use one of those.")
+        if self.control == "sft":
+            self.emotion_weight_scale = 0.0  # the terms still run and log, with no force: the plain-SFT control
+        # trl re-runs the forward under no_grad for these, which overwrites the captured activations and leaves
+        # the emotion terms with exactly zero gradient (DESIGN.md trap 12)
+        if self.label_smoothing_factor > 0:
+            raise ConfigError(
+                f"label_smoothing_factor: {self.label_smoothing_factor} makes trl run a second forward pass that "
+                "zeroes the emotion terms' gradient. Set label_smoothing_factor: 0."
+            )
+        if self.neftune_noise_alpha and self.needs_base:
+            raise ConfigError(
+                "neftune_noise_alpha: NEFTune noises the embeddings differently in the adapted and the base pass, so "
+                "the base-relative terms (push, hold, retain, kl, drift) would compare against noise. Remove it."
+            )
         if isinstance(self.drift_tags, str):
             self.drift_tags = [self.drift_tags]
         if self.packing:
@@ -217,6 +332,11 @@ class EmotuneConfig(SFTConfig):
         kwargs = self.dataset_kwargs if isinstance(self.dataset_kwargs, dict) else {}
         self.dataset_kwargs = dict(kwargs, skip_prepare_dataset=True)
         super().__post_init__()
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether a term compares with the base model (the adapter-disabled pass runs only then)."""
+        return self.drift_weight > 0 or any(t.form in BASE_FORMS for t in self.terms)
 
     @property
     def emotion_active(self) -> bool:
@@ -288,6 +408,20 @@ class EmotionCollator:
         return {key: value[None] for key, value in batch.items()}
 
 
+def coverage(mask: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """The share of the batch's sequences whose mask is non-empty.
+
+    The per-sequence mean counts a sequence with an empty mask as 0, so a term's effective weight is
+    ``weight * coverage``; it is logged as ``emotion/<term>_coverage`` so that it can be read off."""
+    if segments is None:
+        return mask.any(-1).float().mean()
+    flat = segments.flatten()
+    hits = mask.new_zeros(flat.numel(), dtype=torch.float32).index_add(
+        0, flat.clamp_min(0), (mask.flatten() & (flat >= 0)).float()
+    )
+    return (hits > 0).float().sum() / (flat.max() + 1).clamp_min(1)
+
+
 def tag_mask(tag_bits: torch.Tensor, tags: Sequence[str], bits: dict[str, int]) -> torch.Tensor:
     """Boolean ``[B, T]``: tokens carrying any of ``tags``."""
     wanted = 0
@@ -311,6 +445,11 @@ class EmotuneTrainer(SFTTrainer):
                 int(config.pad_to_multiple_of) if config.pad_to_multiple_of else None,
                 padding_free=config.padding_free,
             )
+        if kwargs.get("compute_loss_func") is not None:
+            raise ConfigError(
+                "compute_loss_func: trl computes it on a second forward pass that zeroes the emotion terms' "
+                "gradient. Leave it out; subclass EmotuneTrainer and override compute_loss for another LM loss."
+            )
         # trl refuses a custom collator with padding_free; ours packs the batch itself
         padding_free, config.padding_free = config.padding_free, False
         try:
@@ -320,26 +459,52 @@ class EmotuneTrainer(SFTTrainer):
         self.basis = basis
         self.tag_bits = tag_bits
         default_layers = config.emotion_layers or [basis.default_layer]
-        n_layers = basis.metadata.get("num_layers") or (max(basis.layers) + 1)
-        norm = lambda ls: sorted({i + n_layers if i < 0 else i for i in ls})  # noqa: E731
-        self.term_layers = [norm(t.layers or default_layers) for t in config.terms]
+        self.n_layers = int(basis.metadata.get("num_layers") or (max(basis.layers) + 1))
+        norm = lambda ls: sorted({i + self.n_layers if i < 0 else i for i in ls})  # noqa: E731
+        self.term_layers = [[] if t.form == "kl" else norm(t.layers or default_layers) for t in config.terms]
         self.drift_layers = norm(default_layers)
-        targeted = {t.emotion for t in config.terms}
+        targeted = {t.emotion for t in config.terms if t.emotion}
         self.drift_emotions = [e for e in basis.emotions if e not in targeted]
+        # KL needs the final hidden state: the last block's output, then the model's final norm and LM head
+        self.last_layer = self.n_layers - 1
+        kl = any(t.form == "kl" for t in config.terms)
         self.hook_layers = sorted(
-            {i for ls in self.term_layers for i in ls} | (set(self.drift_layers) if config.drift_weight > 0 else set())
+            {i for ls in self.term_layers for i in ls}
+            | (set(self.drift_layers) if config.drift_weight > 0 else set())
+            | ({self.last_layer} if kl else set())
         )
-        for layer in self.hook_layers:
-            basis._slot(layer)  # raises a clear error for a layer the basis lacks
+        # the base pass captures only what the base-relative terms compare with
+        self.base_layers = sorted(
+            {i for t, ls in zip(config.terms, self.term_layers) if t.form in BASE_FORMS for i in ls}
+            | (set(self.drift_layers) if config.drift_weight > 0 else set())
+            | ({self.last_layer} if kl else set())
+        )
+        for layer in sorted({i for ls in self.term_layers for i in ls} | set(self.drift_layers)):
+            basis._slot(layer)  # raises a clear error for a layer the basis lacks (r_l comes from there too)
         self._term_columns: dict[int, list[str]] = {}  # the emotions projected at each layer, in term order
         for term, layers in zip(config.terms, self.term_layers):
-            for layer in layers:
+            for layer in layers if term.emotion else []:
                 columns = self._term_columns.setdefault(layer, [])
                 if term.emotion not in columns:
                     columns.append(term.emotion)
         # vectors per layer, kept on the model's device
         self._vectors: dict[tuple[int, str], torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor | float] = {}
+        self.control_vectors = self._random_directions() if config.control == "random" else {}
+
+    def _random_directions(self) -> dict[int, torch.Tensor]:
+        """``{layer: [E_layer, d]}``: seeded random unit vectors standing in for the targeted emotions' vectors.
+
+        Drawn in a fixed order (layer, then the emotions in term order) from a generator of their own, so that
+        the same seed gives the same directions whatever else draws from the global RNG."""
+        seed = self.args.control_seed if self.args.control_seed is not None else self.args.seed
+        generator = torch.Generator().manual_seed(int(seed))
+        out = {}
+        for layer in sorted(self._term_columns):
+            d = self.basis.vectors(layer).shape[-1]
+            vectors = torch.randn(len(self._term_columns[layer]), d, generator=generator, dtype=torch.float32)
+            out[layer] = vectors / vectors.norm(dim=-1, keepdim=True)
+        return out
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -356,33 +521,101 @@ class EmotuneTrainer(SFTTrainer):
         tag_bits: torch.Tensor,
         attention: torch.Tensor,
         segments: torch.Tensor | None = None,
+        base: dict[int, torch.Tensor] | None = None,
+        factors: tuple[float, float] = (1.0, 1.0),
+        model: Any = None,
     ) -> torch.Tensor:
         """The weighted sum of the recipe's terms on the captured activations ``store`` (``{layer: [B, T, d]}``),
-        before the weight scale and warmup; queues each term's value and masked projection level for logging."""
+        before the weight scale and warmup; queues each term's value and masked projection level for logging.
+
+        ``base`` holds the same layers from the adapter-disabled pass (base-relative forms need it);
+        ``factors`` are the schedule's (push side, retain side) multipliers; ``model`` gives the final
+        norm and LM head for a kl term."""
         device = next(iter(store.values())).device
         total = torch.zeros((), device=device)
         projections = self._term_projections(store, device)
+        base_projections = self._term_projections(base, device) if base is not None else {}
         for term, layers in zip(self.args.terms, self.term_layers):
-            mask = tag_mask(tag_bits, term.tags, self.tag_bits) & attention
+            mask = tag_mask(tag_bits, term.tags, self.tag_bits) & tag_mask(tag_bits, term.mask_tags, self.tag_bits)
+            mask = mask & attention
+            self._log(f"emotion/{term.name}_coverage", coverage(mask, segments))
+            factor = factors[1] if term.form in STATE_FORMS else factors[0] if term.form != "hold" else 1.0
+            if term.form in BASE_FORMS and base is None:
+                raise ValueError(f"the {term.form} term needs the base model's activations (base=None)")
+            if term.form == "kl":
+                logits, base_logits = self._final_logits(model, store, base, mask)  # type: ignore[arg-type]
+                value = kl_loss(logits, base_logits, mask, segments)
+                total = total + factor * term.weight * value
+                self._log(f"emotion/{term.name}", value.detach())
+                continue
             for layer in layers:
-                p = projections[layer][..., self._term_columns[layer].index(term.emotion)]
-                value = term_loss(term.form, p.float(), mask, term.value, segments)
-                total = total + term.weight * value / len(layers)
                 suffix = f"@L{layer}" if len(layers) > 1 else ""
+                if term.form == "retain":
+                    assert base is not None
+                    value = retain_loss(store[layer], base[layer], mask, self.basis.scale(layer), segments)
+                    total = total + factor * term.weight * value / len(layers)
+                    self._log(f"emotion/{term.name}{suffix}", value.detach())
+                    continue
+                column = self._term_columns[layer].index(term.emotion)
+                p = projections[layer][..., column].float()
+                if term.form == "push":
+                    value = push_loss(
+                        p, base_projections[layer][..., column].float(), mask, term.delta, term.direction, segments
+                    )
+                elif term.form == "hold":
+                    value = hold_loss(p, base_projections[layer][..., column].float(), mask, segments)
+                else:
+                    value = term_loss(term.form, p, mask, term.value, segments)
+                total = total + factor * term.weight * value / len(layers)
                 self._log(f"emotion/{term.name}{suffix}", value.detach())
                 with torch.no_grad():
+                    where = "+".join(term.tags)
                     self._log(
-                        f"emotion/proj_{term.emotion.replace(' ', '_')}@{'+'.join(term.tags)}{suffix}",
-                        (p.detach().float() * mask).sum() / mask.sum().clamp_min(1),
+                        f"emotion/proj_{term.emotion.replace(' ', '_')}@{where}{suffix}",
+                        (p.detach() * mask).sum() / mask.sum().clamp_min(1),
                     )
+                    if layer in base_projections:  # the move from base, which the base-relative forms act on
+                        moved = p.detach() - base_projections[layer][..., column].float()
+                        self._log(
+                            f"emotion/shift_{term.emotion.replace(' ', '_')}@{where}{suffix}",
+                            (moved * mask).sum() / mask.sum().clamp_min(1),
+                        )
         return total
 
     def _term_projections(self, store: dict[int, torch.Tensor], device: torch.device) -> dict[int, torch.Tensor]:
-        """``{layer: [B, T, E_layer]}``: every term's projection at a layer in one product."""
-        return {
-            layer: project(store[layer], self._vecs(layer, emotions, device), self.basis.scale(layer))
-            for layer, emotions in self._term_columns.items()
-        }
+        """``{layer: [B, T, E_layer]}``: every term's projection at a layer in one product (along the random
+        directions instead of the emotion vectors under ``control: random``)."""
+        out = {}
+        for layer, emotions in self._term_columns.items():
+            if layer not in store:
+                continue
+            if self.control_vectors:
+                vectors = self.control_vectors[layer].to(device)
+            else:
+                vectors = self._vecs(layer, emotions, device)
+            out[layer] = project(store[layer], vectors, self.basis.scale(layer))
+        return out
+
+    def _final_logits(
+        self, model: Any, store: dict[int, torch.Tensor], base: dict[int, torch.Tensor], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits of the adapted and the base model at the masked tokens only (``[N, V]`` each):
+        the last block's captured output through the model's final norm and LM head, so that neither pass
+        builds the full ``[B, T, V]`` logits (trl's fused LM head never does for the LM loss either)."""
+        inner = self.accelerator.unwrap_model(model)
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        final_norm = inner.get_decoder().norm
+        head = inner.get_output_embeddings()
+        cap = getattr(inner.config, "final_logit_softcapping", None)
+        keep = mask.bool()
+
+        def logits(hidden: torch.Tensor) -> torch.Tensor:
+            out = head(final_norm(hidden[keep]))
+            return torch.tanh(out / cap) * cap if cap else out
+
+        with torch.no_grad():
+            base_logits = logits(base[self.last_layer])
+        return logits(store[self.last_layer]), base_logits
 
     def _log(self, key: str, value: torch.Tensor | float) -> None:
         """Queue a metric; ``_flush_logs`` converts the step's values with one device sync."""
@@ -399,21 +632,22 @@ class EmotuneTrainer(SFTTrainer):
             self._metrics[mode][key].append(value)
         self._pending.clear()
 
-    def _base_projections(self, model: Any, inputs: dict[str, Any]) -> dict[int, torch.Tensor]:
-        """Drift baseline: the same batch through the model with its adapter disabled, no grad,
-        stopping after the last needed layer (no LM head)."""
+    def _base_pass(self, model: Any, inputs: dict[str, Any]) -> dict[int, torch.Tensor]:
+        """The base model's block outputs at ``base_layers``: the same batch with the adapter disabled, no grad,
+        stopping after the last needed layer (no LM head; a kl term applies it to the masked tokens only)."""
         unwrapped = self.accelerator.unwrap_model(model)
         disable = getattr(unwrapped, "disable_adapter", None)
         if disable is None:
             raise ConfigError(
-                "drift_weight > 0 needs a PEFT model (use_peft: true), to run the base model by disabling the adapter."
+                "drift_weight > 0 and the forms push, hold, retain and kl need a PEFT model (use_peft: true), to run "
+                "the base model by disabling the adapter."
             )
         forward_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         # Stopping mid-forward skips the post-forward hooks of every later module. Under FSDP or ZeRO-3 those
         # hooks re-shard the parameters and keep the ranks' collectives in step, so a sharded model runs the whole
         # forward (LM head included): slower, and the safe choice until a multi-GPU run shows the shortcut holds.
         stop = not self.model_is_sharded()
-        with torch.no_grad(), disable(), capture(unwrapped, self.drift_layers, stop_after_last=stop) as store:
+        with torch.no_grad(), disable(), capture(unwrapped, self.base_layers, stop_after_last=stop) as store:
             try:
                 unwrapped(**forward_inputs, use_cache=False)
             except StopForward:
@@ -439,7 +673,7 @@ class EmotuneTrainer(SFTTrainer):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        base = self._base_projections(model, inputs) if config.drift_weight > 0 and model.training else None
+        base = self._base_pass(model, inputs) if config.needs_base else None
         with capture(model, self.hook_layers, detach=False) as store:
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -449,8 +683,12 @@ class EmotuneTrainer(SFTTrainer):
         scale = config.emotion_weight_scale * warmup_factor(
             self.state.global_step, self.state.max_steps, config.emotion_warmup_ratio
         )
-        aux = scale * self.terms_loss(store, tag_bits, attention, segments)
-        if base is not None:
+        factors = schedule_factors(config.emotion_schedule, self.state.global_step, self.state.max_steps)
+        aux = scale * self.terms_loss(store, tag_bits, attention, segments, base, factors, model)
+        if config.emotion_schedule != "constant":
+            self._log("emotion/push_factor", factors[0])
+            self._log("emotion/retain_factor", factors[1])
+        if base is not None and config.drift_weight > 0:
             mask = tag_mask(tag_bits, config.drift_tags, self.tag_bits) & attention
             drift = lm_loss.new_zeros(())
             for layer in self.drift_layers:

@@ -239,3 +239,95 @@ def test_an_earlier_run_is_neither_overwritten_nor_mixed_in_by_accident(tiny_run
     foreign = run_script(str(recipe("foreign.yaml", output_dir=str(tmp_path / "foreign"))))
     assert foreign.returncode == 2 and "holds files from something else" in foreign.stderr
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def test_emotion_terms_on_the_command_line_accept_a_json_list(tiny_run):
+    _, recipe = tiny_run
+    terms = '[{"emotion": "calm", "form": "hold", "weight": 1, "tags": ["neutral"]}, {"form": "retain", "weight": 2}]'
+    _, config, _ = parse_recipe([str(recipe("json.yaml")), "--emotion_terms", terms])
+    assert [(t.form, t.weight) for t in config.terms] == [("hold", 1.0), ("retain", 2.0)]
+
+
+def test_state_forms_that_name_no_emotion_pass_the_basis_check(tiny_run, tiny_chat_model_dir):
+    """retain and kl act on whole hidden states: the check that every term's emotion is in the basis skips them
+    (it once refused the pre-registered efficacy recipe with "'' is not in the basis")."""
+    from emotune.basis import EmotionBasis
+    from emotune.models import load_model
+    from emotune.train import check_basis_fit
+
+    root, recipe = tiny_run
+    terms = '[{"emotion": "calm", "form": "hold", "weight": 1, "tags": ["neutral"]}, {"form": "retain", "weight": 2}]'
+    _, config, _ = parse_recipe([str(recipe("state.yaml")), "--emotion_terms", terms])
+    model, _ = load_model(str(tiny_chat_model_dir))
+    check_basis_fit(config, model, EmotionBasis.load(root / "basis"))
+
+
+def test_lora_up_to_the_target_layer_leaves_the_layers_above_it_frozen(tiny_chat_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from emotune.models import load_model
+    from emotune.train import lora_layers
+    from emotune.trainer import EmotuneConfig
+
+    model, _ = load_model(str(tiny_chat_model_dir))
+    terms = [{"emotion": "calm", "form": "hold", "weight": 1, "tags": ["neutral"], "layers": [-2]}]
+    config = EmotuneConfig(output_dir="unused", use_cpu=True, bf16=False, emotion_layers=[1], emotion_terms=terms)
+    assert lora_layers(config, model, default_layer=0) == [0, 1, 2]  # -2 of 4 layers is layer 2
+    peft = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1, 2])
+    names = [n for n, _ in get_peft_model(model, peft).named_parameters() if "lora_" in n]
+    assert names and all(".layers.3." not in n for n in names) and any(".layers.2." in n for n in names)
+
+
+def test_truncation_check_counts_the_targeted_tokens_a_length_cut_drops():
+    from emotune.train import truncation_loss
+    from emotune.trainer import parse_terms
+
+    bits = {"assistant": 0, "all": 1, "system": 2, "user": 3, "tool": 4, "failure": 5}
+    a, f, t = 1 << 0, 1 << 5, 1 << 4
+    rows = [
+        {"input_ids": [0] * 6, "tag_bits": [0, t | f, a | f, a | f, a, a | f]},  # targeted at 2, 3 and 5
+        {"input_ids": [0] * 3, "tag_bits": [0, a | f, 0]},
+    ]
+    terms = parse_terms([{"emotion": "calm", "form": "hold", "weight": 1, "tags": ["failure"]}])
+    cut = truncation_loss(rows, bits, terms, max_length=4)
+    assert cut == {"targeted_tokens": 4, "dropped_tokens": 1, "truncated_conversations": 1, "needed_max_length": 6}
+    assert truncation_loss(rows, bits, terms, max_length=6)["dropped_tokens"] == 0
+
+
+@pytest.mark.slow
+def test_programme_trains_every_arm_and_seed_into_its_own_folder(tiny_run):
+    root, recipe = tiny_run
+    path = recipe("prog.yaml", max_steps=1)
+    out = root / "prog"
+    command = [sys.executable, str(ROOT / "scripts" / "programme.py"), str(path), "--arms", "emotion,random,sft"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [*command, "--seeds", "1", "--out", str(out), "--no-eval"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    controls = {}
+    for arm in ("emotion", "random", "sft"):
+        info = json.loads((out / f"{arm}-s1" / "adapter" / "emotune_run.json").read_text())
+        controls[arm] = (info["control"], info["seed"])
+    assert controls == {"emotion": ("none", 1), "random": ("random", 1), "sft": ("sft", 1)}
+
+
+def test_programme_evaluates_every_adapter_with_the_sft_arm_as_control(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from programme import eval_command, train_commands
+    finally:
+        sys.path.pop(0)
+    commands = train_commands("r.yaml", ["emotion", "sft"], [1, 2], tmp_path, ["--max_steps", "4"])
+    assert [c[c.index("--output_dir") + 1] for c in commands] == [
+        str(tmp_path / n) for n in ("emotion-s1", "sft-s1", "emotion-s2", "sft-s2")
+    ]
+    assert all(c[-2:] == ["--max_steps", "4"] and c[c.index("--seed") + 1] in "12" for c in commands)
+    runs = [tmp_path / "emotion-s1", tmp_path / "sft-s1"]
+    command = eval_command("m", runs, tmp_path, [])
+    assert f"emotion-s1={tmp_path / 'emotion-s1' / 'adapter'}" in command
+    assert command[command.index("--control") + 1] == "sft-s1"

@@ -132,6 +132,7 @@ def test_malformed_yaml_names_the_line(tmp_path):
         parse_recipe([str(path)])
 
 
+@pytest.mark.slow  # a training subprocess plus the full final evaluation (every shipped scenario and context)
 def test_wandb_without_a_key_runs_offline_and_logs_emotion_and_eval_metrics(tiny_run, tmp_path):
     root, recipe = tiny_run
     env = {k: "" for k in ("WANDB_API_KEY", "WANDB_MODE")}

@@ -377,7 +377,7 @@ def test_the_report_table_gathers_every_per_emotion_row_wherever_the_report_keep
 # ----------------------------------------------------------------------------- sharded models
 
 
-def test_a_sharded_model_runs_the_whole_base_forward_and_gets_the_same_projections(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_a_sharded_model_runs_the_whole_base_forward_and_gets_the_same_base_states(setup, tmp_path, monkeypatch):  # noqa: F811
     trainer = build(setup, tmp_path, drift_weight=1.0)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     heads = []
@@ -385,10 +385,10 @@ def test_a_sharded_model_runs_the_whole_base_forward_and_gets_the_same_projectio
     handle = head.register_forward_hook(lambda *_: heads.append(1))
     try:
         assert not trainer.model_is_sharded()
-        stopped = trainer._base_projections(trainer.model, batch)
+        stopped = trainer._base_pass(trainer.model, batch)
         assert heads == []  # unsharded: the base pass stops after the last needed layer
         monkeypatch.setattr(type(trainer), "model_is_sharded", lambda self: True)
-        full = trainer._base_projections(trainer.model, batch)
+        full = trainer._base_pass(trainer.model, batch)
         assert heads == [1]
     finally:
         handle.remove()

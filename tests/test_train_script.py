@@ -105,6 +105,7 @@ def test_a_basis_for_another_model_is_refused(tiny_run, tmp_path):
     basis.denoised = torch.zeros(len(basis.layers), len(basis), 48)
     basis.raw = basis.denoised.clone()
     basis.neutral_pcs = [torch.zeros(0, 48) for _ in basis.layers]
+    basis.centre = torch.zeros(len(basis.layers), 48)
     basis.save(tmp_path / "other")
     assert other.config.hidden_size == 48
     result = run_script(str(recipe("b.yaml", basis=str(tmp_path / "other"), output_dir=str(tmp_path / "o"))))

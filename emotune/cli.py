@@ -167,9 +167,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def log_eval_to_wandb(args: argparse.Namespace, report: dict[str, Any]) -> None:
     """``emotune eval --wandb``: the report into the training run (resumed by its id) or a new run."""
+    from emotune.evaluate.run import parse_adapters
     from emotune.tracking import log_report, open_eval_run
 
-    run = open_eval_run(args.wandb_run_id, args.adapter, args.out)
+    # several adapters share one report: the first one's training run receives it (or --wandb-run-id)
+    adapters = list(parse_adapters(args.adapter).values())
+    run = open_eval_run(args.wandb_run_id, str(adapters[0]) if adapters else None, args.out)
     try:
         log_report(run, report, args.out)
         print(f"logged the report to W&B run {run.id}{' (' + run.url + ')' if run.url else ''}")

@@ -283,7 +283,7 @@ RECIPES = [
         [],
         r"unknown key\(s\) tag\b",
         ["emotion_terms[0]"],
-        r"\buse only emotion, form, layers",
+        r"\buse only delta, direction, emotion, form, layers",
         id="term-unknown-key",
     ),
     pytest.param(
@@ -1089,7 +1089,7 @@ FLAGS = [
         ["extract", "--device", "nonsense"],
         r"not a device name",
         ["--device 'nonsense'"],
-        r"\buse cpu, cuda, cuda:N\b",
+        r"\buse auto, cpu, cuda, cuda:N\b",
         id="extract-device-nonsense",
     ),
     pytest.param(

@@ -112,6 +112,20 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int, side: str = "right", wid
     return out
 
 
+def forward_batch(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, device: torch.device
+) -> None:
+    """One no-cache forward of a padded batch, for its hooks' sake: a ``capture`` with ``stop_after_last`` ends it
+    after the last needed block, so nothing is returned."""
+    with suppress(StopForward):
+        model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
+        )
+
+
 def pad_batch(
     sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right", width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,13 +249,7 @@ def stream_activations(
                     stats.token_count += int(counts.sum())
                     stats.n_tokens_total += int(mask.sum())
                     stats.n_tokens_padded += mask.numel()
-                    with suppress(StopForward):
-                        model(
-                            input_ids=ids.to(device),
-                            attention_mask=mask.to(device),
-                            position_ids=positions.to(device),
-                            use_cache=False,
-                        )
+                    forward_batch(model, ids, mask, positions, device)
                     stats.n_texts += len(rows)
                     if progress is not None:
                         progress.update(len(rows))
@@ -551,13 +559,7 @@ class EmotionBasis:
             with capture(model, [layer_id], stop_after_last=True) as store:
                 for rows in length_batches([len(s) for s in sequences], batch_size):
                     ids, mask, positions = pad_batch([sequences[i] for i in rows], tokenizer.pad_token_id)
-                    with suppress(StopForward):
-                        model(
-                            input_ids=ids.to(device),
-                            attention_mask=mask.to(device),
-                            position_ids=positions.to(device),
-                            use_cache=False,
-                        )
+                    forward_batch(model, ids, mask, positions, device)
                     readout = (store[layer_id].float().cpu() - centre) @ vecs.T / scale  # [b, T, E]
                     for j, i in enumerate(rows):
                         tokens[i] = readout[j, : len(sequences[i])]
